@@ -47,6 +47,10 @@ class RayConfig:
     """Start the dashboard for a local Ray."""
     namespace: str = "retro"
     """Ray namespace for named actors (the neighbour pool)."""
+    build_resource: str | None = None
+    """Custom resource every database-build task and actor asks for (routes the build to `cpu_build` nodes)."""
+    train_resource: str | None = None
+    """Custom resource every training worker asks for one unit of (routes training to `gpu_train` nodes)."""
 
     def __post_init__(self) -> None:
         _check(self.object_store_memory_gb > 0, "ray.object_store_memory_gb", "must be > 0")
