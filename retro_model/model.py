@@ -1,0 +1,426 @@
+"""Retro: a decoder-only transformer that reads retrieved neighbours through chunked cross-attention.
+
+Shape legend (see ``retro_model.config``):
+    b batch, n tokens, l chunks, m chunk length, k neighbours per chunk, r tokens per neighbour,
+    d decoder width, e encoder width (d'), h heads, s head size, V vocabulary.
+
+Data flow of ``forward(tokens[b, n], neighbors[b, l, k, r])``:
+    1. token embedding -> decoder layers (pre-norm RMSNorm, rotary causal self-attention, GELU MLP).
+    2. at the first CCA layer, the decoder's hidden states of each complete chunk u condition the
+       neighbour encoder: the k neighbours of chunk u (embedded with the shared token embedding) run
+       bidirectional self-attention and cross-attend to chunk u's hidden states. Output [b, l, k*r, e].
+    3. every CCA layer: tokens from the last token of chunk u to the token before the last of chunk
+       u+1 (the chunk_len - 1 shift) attend to chunk u's encoded neighbours, plus a learned null
+       key/value so that a chunk whose neighbours are all padding attends to nothing.
+    4. final RMSNorm -> logits [b, n, V]; loss = cross-entropy over targets that are not padding.
+No token ever sees neighbours retrieved with tokens after it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retro_model.config import RetroConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., dim] -> same shape."""
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_tables(max_len: int, head_size: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [max_len, head_size/2] for rotary position embeddings."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, s/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (first half, second half) of x [b, h, n, s] by angles cos/sin [n, s/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with fused QKV and rotary positions (causal or bidirectional)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        causal: bool,
+        key_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """x [B, t, dim] -> [B, t, dim].
+
+        key_mask [B, t] (True = attend) masks padding keys (bidirectional use). With ``cache`` the t new
+        tokens follow the cached ones: their keys/values are appended and they attend to all of them.
+        """
+        bsz, t, dim = x.shape
+        q, k, v = self.qkv(x).view(bsz, t, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        # q, k, v: (B, h, t, s)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = None
+        if cache is not None:
+            if cache.k is not None:
+                k = torch.cat((cache.k, k), dim=2)
+                v = torch.cat((cache.v, v), dim=2)
+            cache.k, cache.v = k, v
+            past = k.shape[2] - t
+            if causal and t > 1:
+                # new token i (absolute past + i) sees keys 0 .. past + i
+                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        elif key_mask is not None:
+            mask = key_mask[:, None, None, :]  # (B, 1, 1, t)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(out.transpose(1, 2).reshape(bsz, t, dim))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention from queries [B, t, dim] to a context [B, c, ctx_dim].
+
+    With ``null_kv`` a learned key/value is prepended to every context, so a query whose context is all
+    padding attends to it (and its output stays finite) instead of to nothing.
+    """
+
+    def __init__(self, dim: int, ctx_dim: int, heads: int, dropout: float, null_kv: bool):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(ctx_dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+        self.null_kv = nn.Parameter(torch.zeros(2, dim)) if null_kv else None
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """x [B, t, dim], context [B, c, ctx_dim], context_mask [B, c] (True = attend) -> [B, t, dim]."""
+        bsz, t, dim = x.shape
+        s = dim // self.heads
+        q = self.q(x).view(bsz, t, self.heads, s).transpose(1, 2)  # (B, h, t, s)
+        kv = self.kv(context)  # (B, c, 2*dim)
+        if self.null_kv is not None:
+            null = self.null_kv.reshape(1, 1, 2 * dim).to(kv.dtype).expand(bsz, 1, 2 * dim)
+            kv = torch.cat((null, kv), dim=1)  # (B, 1 + c, 2*dim)
+            if context_mask is not None:
+                context_mask = F.pad(context_mask, (1, 0), value=True)
+        k, v = kv.view(bsz, -1, 2, self.heads, s).permute(2, 0, 3, 1, 4)  # each (B, h, c', s)
+        mask = None if context_mask is None else context_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(out.transpose(1, 2).reshape(bsz, t, dim))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: dim -> hidden -> dim with GELU."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., dim] -> [..., dim]."""
+        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))
+
+
+class EncoderLayer(nn.Module):
+    """Neighbour-encoder layer: bidirectional self-attention, cross-attention to the retrieving chunk, MLP."""
+
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        e = config.enc_width
+        self.norm_attn = RMSNorm(e, config.norm_eps)
+        self.attn = SelfAttention(e, config.enc_heads, config.dropout)
+        self.norm_cross = RMSNorm(e, config.norm_eps)
+        self.cross = CrossAttention(e, config.d_model, config.enc_heads, config.dropout, null_kv=False)
+        self.norm_ff = RMSNorm(e, config.norm_eps)
+        self.ff = FeedForward(e, config.enc_ff_width, config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        chunk_hidden: Tensor,
+        k: int,
+        cos: Tensor,
+        sin: Tensor,
+        key_mask: Tensor | None,
+    ) -> Tensor:
+        """x [b*l*k, r, e], chunk_hidden [b*l, m, d] (already normed), key_mask [b*l*k, r] -> [b*l*k, r, e]."""
+        x = x + self.attn(self.norm_attn(x), cos, sin, causal=False, key_mask=key_mask)
+        bl_k, r, e = x.shape
+        # All k neighbours of a chunk attend to the same chunk: fold k into the query axis instead of
+        # repeating the chunk k times.
+        queries = self.norm_cross(x).view(bl_k // k, k * r, e)  # (b*l, k*r, e)
+        x = x + self.cross(queries, chunk_hidden).view(bl_k, r, e)
+        return x + self.ff(self.norm_ff(x))
+
+
+class DecoderLayer(nn.Module):
+    """Decoder layer: causal self-attention, optional chunked cross-attention, MLP (all pre-norm)."""
+
+    def __init__(self, config: RetroConfig, has_cca: bool):
+        super().__init__()
+        d = config.d_model
+        self.norm_attn = RMSNorm(d, config.norm_eps)
+        self.attn = SelfAttention(d, config.n_heads, config.dropout)
+        self.has_cca = has_cca
+        if has_cca:
+            self.norm_cca = RMSNorm(d, config.norm_eps)
+            self.cca = CrossAttention(d, config.enc_width, config.n_heads, config.dropout, null_kv=True)
+        self.norm_ff = RMSNorm(d, config.norm_eps)
+        self.ff = FeedForward(d, config.ff_width, config.dropout)
+
+
+@dataclass
+class LayerCache:
+    """Self-attention keys/values of the tokens processed so far (one decoder layer)."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+
+@dataclass
+class DecodeCache:
+    """State of incremental decoding: per-layer KV, the conditioning hidden states, encoded neighbours."""
+
+    layers: list[LayerCache]
+    length: int = 0
+    """Tokens processed so far."""
+    cond_hidden: Tensor | None = None
+    """Normed hidden states [b, length, d] at the input of the first CCA layer (encoder conditioning)."""
+    encoded: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    """chunk index -> (encoded neighbours [b, k*r, e], key mask [b, k*r] or None)."""
+
+
+class Retro(nn.Module):
+    """RETRO decoder with chunked cross-attention and a neighbour encoder (or the plain baseline)."""
+
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d)
+        cca = set(config.resolved_cca_layers)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, has_cca=(i + 1) in cca) for i in range(config.n_layers)
+        )
+        self.first_cca = min(cca) - 1 if cca else None  # 0-based layer whose input conditions the encoder
+        self.norm = RMSNorm(d, config.norm_eps)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        if config.retrieval:
+            e = config.enc_width
+            self.enc_in = nn.Linear(d, e, bias=False) if e != d else nn.Identity()
+            self.enc_cond_norm = RMSNorm(d, config.norm_eps)
+            self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.enc_layers))
+            self.enc_norm = RMSNorm(e, config.norm_eps)
+            enc_cos, enc_sin = rotary_tables(config.retrieved_len, e // config.enc_heads, config.rope_base)
+            self.register_buffer("enc_cos", enc_cos, persistent=False)
+            self.register_buffer("enc_sin", enc_sin, persistent=False)
+        cos, sin = rotary_tables(config.max_seq_len, d // config.n_heads, config.rope_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: scale the residual output projections by depth
+        for name, p in self.named_parameters():
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (shared tensors counted once)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() if exclude_embeddings else total
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay for matrices of linear layers; none for norms, embeddings and null kv."""
+        decay, no_decay = [], []
+        seen: set[int] = set()
+        for name, p in self.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_matrix = p.dim() == 2 and not name.startswith("embed") and "null_kv" not in name
+            (decay if is_matrix else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def encode_neighbors(self, neighbors: Tensor, chunk_hidden: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Encode neighbours conditioned on their retrieving chunks.
+
+        neighbors [B, k, r] token ids (B = b*l chunks), chunk_hidden [B, m, d] (normed decoder states of
+        each chunk) -> (encoded [B, k*r, e], key mask [B, k*r] with True = real token, or None if no
+        padding).
+        """
+        cfg = self.config
+        bsz, k, r = neighbors.shape
+        flat = neighbors.reshape(bsz * k, r)  # (B*k, r)
+        is_real = flat != cfg.pad_id
+        key_mask = None if bool(is_real.all()) else is_real
+        if key_mask is not None:
+            # a neighbour that is all padding would have no key at all: let it see itself (its output is
+            # masked out of the cross-attention below anyway)
+            key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+        x = self.enc_in(self.embed(flat))  # (B*k, r, e)
+        cos, sin = self.enc_cos[:r], self.enc_sin[:r]
+        for layer in self.encoder:
+            x = layer(x, chunk_hidden, k, cos, sin, key_mask)
+        x = self.enc_norm(x).view(bsz, k * r, -1)  # (B, k*r, e)
+        cca_mask = None if key_mask is None else is_real.view(bsz, k * r)
+        return x, cca_mask
+
+    def _chunked_cross_attention(
+        self, layer: DecoderLayer, h: Tensor, encoded: Tensor, cca_mask: Tensor | None
+    ) -> Tensor:
+        """The CCA residual for h [b, n, d] given encoded neighbours [b*l, k*r, e] of l chunks.
+
+        Tokens m-1 .. m-1 + l*m - 1 (shifted by chunk_len - 1) form l attending windows of m tokens;
+        window u attends to chunk u's neighbours. Tokens before m-1 get no CCA (zero residual).
+        """
+        m = self.config.chunk_len
+        b, n, d = h.shape
+        num_chunks = encoded.shape[0] // b
+        window = h[:, m - 1 : m - 1 + num_chunks * m]  # (b, <= l*m, d)
+        used = window.shape[1]
+        window = F.pad(window, (0, 0, 0, num_chunks * m - used)).reshape(b * num_chunks, m, d)  # (b*l, m, d)
+        out = layer.cca(layer.norm_cca(window), encoded, cca_mask)  # (b*l, m, d)
+        out = out.view(b, num_chunks * m, d)[:, :used]
+        return F.pad(out, (0, 0, m - 1, n - (m - 1) - used))  # (b, n, d)
+
+    # ---- training / scoring ------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Tensor,
+        neighbors: Tensor | None = None,
+        targets: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """tokens [b, n], neighbors [b, l, k, r] (l = n // m complete chunks; extra chunks are ignored)
+        or None (retrieval off), targets [b, n], loss_mask [b, n] (0 = ignore) -> (logits [b, n, V], loss).
+        """
+        cfg = self.config
+        b, n = tokens.shape
+        if n > cfg.max_seq_len:
+            raise ValueError(f"sequence of {n} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        m = cfg.chunk_len
+        num_chunks = n // m
+        use_retrieval = cfg.retrieval and neighbors is not None and num_chunks > 0
+        if (
+            neighbors is not None
+            and cfg.retrieval
+            and (neighbors.dim() != 4 or neighbors.shape[0] != b or neighbors.shape[1] < num_chunks)
+        ):
+            raise ValueError(
+                f"neighbors must be [b={b}, l>={num_chunks}, k, r] for {n} tokens, got {tuple(neighbors.shape)}"
+            )
+        cos, sin = self.cos[:n], self.sin[:n]
+        h = self.embed(tokens)  # (b, n, d)
+        encoded = cca_mask = None
+        for layer in self.layers:
+            h = h + layer.attn(layer.norm_attn(h), cos, sin, causal=True)
+            if use_retrieval and layer.has_cca:
+                if encoded is None:
+                    # condition on the hidden states of each complete chunk (input of the first CCA layer)
+                    chunks = self.enc_cond_norm(h[:, : num_chunks * m]).reshape(b * num_chunks, m, -1)
+                    nbrs = neighbors[:, :num_chunks].reshape(b * num_chunks, *neighbors.shape[2:])
+                    encoded, cca_mask = self.encode_neighbors(nbrs, chunks)
+                h = h + self._chunked_cross_attention(layer, h, encoded, cca_mask)
+            h = h + layer.ff(layer.norm_ff(h))
+        logits = self.head(self.norm(h))  # (b, n, V)
+        loss = None
+        if targets is not None:
+            ignore = targets == cfg.pad_id
+            if loss_mask is not None:
+                ignore = ignore | (loss_mask == 0)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                targets.masked_fill(ignore, -100).reshape(-1),
+                ignore_index=-100,
+            )
+        return logits, loss
+
+    # ---- incremental decoding ----------------------------------------------------------------------
+    def new_cache(self) -> DecodeCache:
+        """An empty cache for ``forward_incremental``."""
+        return DecodeCache(layers=[LayerCache() for _ in self.layers])
+
+    @torch.no_grad()
+    def forward_incremental(
+        self, tokens: Tensor, cache: DecodeCache, neighbors: dict[int, Tensor] | None = None
+    ) -> Tensor:
+        """Process new tokens [b, t] after the ``cache.length`` cached ones -> logits [b, t, V].
+
+        ``neighbors`` maps a chunk index u to its neighbours [b, k, r]; it must hold every chunk that
+        completes within these tokens and whose neighbours the new tokens may attend to (a chunk that
+        completes at the last new token is attended by that token). Gives the same logits as
+        ``forward`` on the whole sequence.
+        """
+        cfg = self.config
+        b, t = tokens.shape
+        start = cache.length
+        end = start + t
+        if end > cfg.max_seq_len:
+            raise ValueError(f"decoding past max_seq_len={cfg.max_seq_len}; raise model.max_seq_len")
+        m = cfg.chunk_len
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        positions = torch.arange(start, end)
+        attended_chunk = (positions + 1) // m - 1  # chunk whose neighbours position p attends (-1: none)
+        h = self.embed(tokens)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers, strict=True)):
+            h = h + layer.attn(layer.norm_attn(h), cos, sin, causal=True, cache=layer_cache)
+            if cfg.retrieval and i == self.first_cca:
+                cond = self.enc_cond_norm(h)
+                cache.cond_hidden = (
+                    cond if cache.cond_hidden is None else torch.cat((cache.cond_hidden, cond), 1)
+                )
+                for u in range(start // m, end // m):  # chunks completed by these tokens
+                    if neighbors is not None and u in neighbors and u not in cache.encoded:
+                        chunk = cache.cond_hidden[:, u * m : (u + 1) * m]  # (b, m, d)
+                        cache.encoded[u] = self.encode_neighbors(neighbors[u], chunk)
+            if cfg.retrieval and layer.has_cca:
+                residual = torch.zeros_like(h)
+                for u in attended_chunk.unique().tolist():
+                    if u < 0 or u not in cache.encoded:
+                        continue
+                    sel = (attended_chunk == u).nonzero().squeeze(1)
+                    encoded, mask = cache.encoded[u]
+                    residual[:, sel] = layer.cca(layer.norm_cca(h[:, sel]), encoded, mask)
+                h = h + residual
+            h = h + layer.ff(layer.norm_ff(h))
+        cache.length = end
+        return self.head(self.norm(h))

@@ -1,0 +1,233 @@
+"""Retro model: shapes, causality, retrieval effect, padding, training signal, baseline, config errors."""
+
+import pytest
+import torch
+
+from retro_model import RetroConfig
+from retro_model.model import Retro
+
+M = 8  # chunk length of the tiny test models
+
+
+def tiny_config(**overrides) -> RetroConfig:
+    values = dict(
+        vocab_size=50,
+        d_model=32,
+        n_heads=2,
+        n_layers=3,
+        cca_layers=(2, 3),
+        enc_layers=2,
+        chunk_len=M,
+        num_neighbors=2,
+        max_seq_len=128,
+    )
+    values.update(overrides)
+    return RetroConfig(**values)
+
+
+def random_inputs(
+    cfg: RetroConfig, b: int, n: int, k: int | None = None, r: int | None = None, seed: int = 0
+):
+    g = torch.Generator().manual_seed(seed)
+    k = k or cfg.num_neighbors
+    r = r or cfg.retrieved_len
+    tokens = torch.randint(1, cfg.vocab_size, (b, n), generator=g)
+    neighbors = torch.randint(1, cfg.vocab_size, (b, n // cfg.chunk_len, k, r), generator=g)
+    return tokens, neighbors
+
+
+def make_model(cfg: RetroConfig, seed: int = 0) -> Retro:
+    torch.manual_seed(seed)
+    return Retro(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "b,n,k,r",
+    [(1, 8, 1, 16), (2, 24, 2, 16), (3, 29, 3, 10), (2, 5, 2, 16), (1, 64, 4, 8), (2, 17, 2, 16)],
+)
+def test_output_shapes(b, n, k, r):
+    cfg = tiny_config(num_neighbors=k, neighbor_len=r)
+    model = make_model(cfg)
+    tokens, neighbors = random_inputs(cfg, b, n, k, r)
+    logits, loss = model(tokens, neighbors, targets=tokens)
+    assert logits.shape == (b, n, cfg.vocab_size)
+    assert loss is not None and loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_causal_in_tokens_and_neighbors_for_every_position():
+    """Changing tokens after t, or neighbours t must not see, leaves logits at <= t unchanged."""
+    cfg = tiny_config()
+    model = make_model(cfg)
+    b, n = 2, 4 * M + 3  # several chunks and a partial last chunk
+    tokens, neighbors = random_inputs(cfg, b, n)
+    base, _ = model(tokens, neighbors)
+    g = torch.Generator().manual_seed(1)
+    for t in range(n - 1):
+        changed = tokens.clone()
+        changed[:, t + 1 :] = torch.randint(1, cfg.vocab_size, (b, n - t - 1), generator=g)
+        # neighbours of chunk u are visible from position (u+1)*M - 1: chunks with (u+1)*M - 1 > t are unseen
+        changed_nbrs = neighbors.clone()
+        first_unseen = max(0, (t + 1) // M)  # smallest u with (u+1)*M - 1 > t
+        changed_nbrs[:, first_unseen:] = torch.randint(
+            1, cfg.vocab_size, changed_nbrs[:, first_unseen:].shape, generator=g
+        )
+        out, _ = model(changed, changed_nbrs)
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
+        assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])  # the change did reach the future
+
+
+def test_neighbors_of_chunk_u_change_logits_of_chunk_u_plus_1():
+    cfg = tiny_config()
+    model = make_model(cfg)
+    tokens, neighbors = random_inputs(cfg, 1, 4 * M)
+    base, _ = model(tokens, neighbors)
+    for u in range(3):
+        changed = neighbors.clone()
+        changed[:, u] = torch.randint(1, cfg.vocab_size, changed[:, u].shape)
+        out, _ = model(tokens, changed)
+        window = slice((u + 1) * M - 1, (u + 2) * M - 1)
+        assert (out[:, window] - base[:, window]).abs().max() > 1e-4
+        # and nothing before the window moved
+        torch.testing.assert_close(out[:, : (u + 1) * M - 1], base[:, : (u + 1) * M - 1], atol=1e-6, rtol=0)
+
+
+def test_all_padding_neighbors_give_finite_outputs_and_equal_no_neighbor_attention():
+    cfg = tiny_config()
+    model = make_model(cfg)
+    tokens, neighbors = random_inputs(cfg, 2, 3 * M)
+    neighbors[0] = cfg.pad_id  # every neighbour of sequence 0 is padding
+    neighbors[1, 1, 0] = cfg.pad_id  # one neighbour of one chunk of sequence 1
+    neighbors[1, 2, :, cfg.chunk_len :] = cfg.pad_id  # missing continuations
+    logits, loss = model(tokens, neighbors, targets=tokens)
+    assert torch.isfinite(logits).all() and torch.isfinite(loss)
+    # all-padding neighbours read only the null key/value: their content cannot matter
+    other = neighbors.clone()
+    other[0] = cfg.pad_id
+    logits2, _ = model(tokens, other)
+    torch.testing.assert_close(logits2[0], logits[0])
+
+
+def test_padded_neighbor_tokens_are_ignored():
+    """A padded neighbour slot gives the same output whatever its (masked) encoder states are."""
+    cfg = tiny_config()
+    model = make_model(cfg)
+    tokens, neighbors = random_inputs(cfg, 1, 2 * M)
+    neighbors[:, :, 1] = cfg.pad_id
+    a, _ = model(tokens, neighbors)
+    neighbors2 = neighbors.clone()
+    neighbors2[:, :, 0, cfg.chunk_len :] = cfg.pad_id  # change only the real neighbour's continuation
+    b, _ = model(tokens, neighbors2)
+    assert not torch.allclose(a, b)  # real tokens matter ...
+    neighbors3 = neighbors.clone()
+    neighbors3[:, :, 1, 0] = cfg.pad_id  # ... padding changes nothing
+    c, _ = model(tokens, neighbors3)
+    torch.testing.assert_close(a, c)
+
+
+def test_loss_ignores_padding_targets_and_masked_positions():
+    cfg = tiny_config()
+    model = make_model(cfg)
+    tokens, neighbors = random_inputs(cfg, 2, 2 * M)
+    targets = tokens.roll(-1, dims=1)
+    logits, _ = model(tokens, neighbors)
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, cfg.vocab_size), targets.reshape(-1), reduction="none"
+    )
+    padded = targets.clone()
+    padded[:, -5:] = cfg.pad_id
+    _, loss = model(tokens, neighbors, targets=padded)
+    keep = (padded != cfg.pad_id).reshape(-1)
+    torch.testing.assert_close(loss, per_token[keep].mean())
+    mask = torch.ones_like(targets)
+    mask[0] = 0
+    _, loss_masked = model(tokens, neighbors, targets=targets, loss_mask=mask)
+    torch.testing.assert_close(loss_masked, per_token.view(2, -1)[1].mean())
+
+
+def test_debug_model_overfits_one_batch():
+    cfg = RetroConfig.from_name("debug", vocab_size=64, chunk_len=16, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Retro(cfg)
+    tokens, neighbors = random_inputs(cfg, 2, 64)
+    targets = tokens.roll(-1, dims=1)
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
+    first = None
+    for _ in range(150):
+        _, loss = model(tokens, neighbors, targets=targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert first > 3.5  # ~ln(64) = 4.16 at init
+    assert loss.item() < 0.2, f"did not overfit: {first:.3f} -> {loss.item():.3f}"
+
+
+def test_baseline_has_no_retrieval_parameters_and_ignores_neighbors():
+    cfg = tiny_config(retrieval=False)
+    model = make_model(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("cca" in n or "encoder" in n or "enc_" in n for n in names)
+    retro = make_model(tiny_config())
+    assert retro.num_parameters() > model.num_parameters()
+    tokens, neighbors = random_inputs(cfg, 1, 2 * M)
+    a, _ = model(tokens, neighbors)
+    b, _ = model(tokens, None)
+    torch.testing.assert_close(a, b)
+
+
+def test_retrieval_off_equals_no_neighbors():
+    cfg = tiny_config()
+    model = make_model(cfg)
+    tokens, _ = random_inputs(cfg, 1, 20)
+    logits, _ = model(tokens, None)
+    assert logits.shape == (1, 20, cfg.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_param_groups_cover_every_parameter_once():
+    model = make_model(tiny_config())
+    groups = model.param_groups(0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()})
+    assert all(p.dim() == 2 for p in groups[0]["params"])
+    assert any(p.dim() == 1 for p in groups[1]["params"])
+
+
+def test_bf16_autocast_runs_on_cpu():
+    cfg = tiny_config()
+    model = make_model(cfg)
+    tokens, neighbors = random_inputs(cfg, 1, 2 * M)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(tokens, neighbors, targets=tokens)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(d_model=30, n_heads=4), "d_model"),
+        (dict(chunk_len=0), "chunk_len"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(cca_layers=(7,)), "cca_layers"),
+        (dict(pad_id=99, vocab_size=50), "pad_id"),
+        (dict(num_neighbors=0), "num_neighbors"),
+        (dict(max_seq_len=4, chunk_len=8), "max_seq_len"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_paper_cca_rule_and_presets():
+    from retro_model.config import PRESETS, paper_cca_layers
+
+    assert paper_cca_layers(32) == tuple(range(6, 33, 3))
+    assert paper_cca_layers(6) == (3, 6)
+    assert paper_cca_layers(2) == (1,)
+    for name in PRESETS:
+        cfg = RetroConfig.from_name(name)
+        assert cfg.resolved_cca_layers
+    with pytest.raises(ValueError, match="preset"):
+        RetroConfig.from_name("huge")
+    sizes = {name: Retro(RetroConfig.from_name(name)).num_parameters() for name in ("debug", "small")}
+    assert sizes["debug"] < sizes["small"]
