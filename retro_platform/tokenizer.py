@@ -1,0 +1,70 @@
+"""The project tokenizer: a byte-level BPE trained on the training documents, or any tokenizer.json.
+
+Token 0 is ``<pad>`` (the model's pad id) and token 1 ``<eod>`` (appended to every document), so the
+database, the model and generation agree on both. A loaded tokenizer.json must define ``<pad>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from retro_platform.config import TokenizerConfig
+from retro_platform.errors import DatabaseError
+
+PAD = "<pad>"
+"""Padding token (id 0 in trained tokenizers)."""
+EOD = "<eod>"
+"""End-of-document token (id 1 in trained tokenizers)."""
+
+
+def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
+    """Train a byte-level BPE with ``config.vocab_size`` tokens on ``texts`` (deterministic)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=[PAD, EOD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer_file(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json, checking it defines the padding token."""
+    path = Path(path)
+    if not path.exists():
+        raise DatabaseError(f"tokenizer file {path} does not exist")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a plain Exception for bad JSON
+        raise DatabaseError(f"{path} is not a valid tokenizer.json: {exc}") from None
+    if tokenizer.token_to_id(PAD) is None:
+        raise DatabaseError(f"tokenizer {path} has no {PAD} token; add it as a special token")
+    return tokenizer
+
+
+def pad_id(tokenizer: Tokenizer) -> int:
+    """Id of ``<pad>``."""
+    return tokenizer.token_to_id(PAD)
+
+
+def eod_id(tokenizer: Tokenizer) -> int | None:
+    """Id of ``<eod>``, or None when the tokenizer has none."""
+    return tokenizer.token_to_id(EOD)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (streamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
