@@ -1,0 +1,174 @@
+"""NeighborPool: a pool of ShardActors (one per index shard, optional replicas) behind one search call.
+
+``search`` fans a batch of queries out to every shard in parallel, merges the shard-local top-k into the
+global top-k by score, and returns arrays shaped for the model (neighbours [q, k, r]). Actors are
+started with unlimited restarts and task retries: when one dies, Ray restarts it (it reloads its shard
+from disk) and re-runs the in-flight queries, so a caller sees a slower answer rather than an error. The
+pool object is picklable (it holds actor handles), so it can be passed to Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from retro_platform.config import PlatformConfig
+from retro_platform.db.manifest import validate_database
+from retro_platform.serve.shard import ShardActor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Neighbors:
+    """Merged neighbours of a batch of queries."""
+
+    tokens: np.ndarray
+    """[q, k, r] int32 token ids (padding for missing neighbours)."""
+    scores: np.ndarray
+    """[q, k] float32 inner products (-inf for missing)."""
+    chunk_ids: np.ndarray
+    """[q, k] int64 global chunk ids (-1 for missing)."""
+    doc_ids: np.ndarray
+    """[q, k] int64 document ids (-1 for missing)."""
+
+
+def merge_topk(parts: list[dict[str, np.ndarray]], k: int) -> Neighbors:
+    """Global top-k by score from shard-local results (each [q, k_local ...])."""
+    scores = np.concatenate([p["scores"] for p in parts], axis=1)  # (q, S*k)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    take = lambda name: np.take_along_axis(np.concatenate([p[name] for p in parts], axis=1), order, axis=1)  # noqa: E731
+    tokens = np.concatenate([p["tokens"] for p in parts], axis=1)  # (q, S*k, r)
+    return Neighbors(
+        tokens=np.take_along_axis(tokens, order[..., None], axis=1),
+        scores=take("scores"),
+        chunk_ids=take("chunk_ids"),
+        doc_ids=take("doc_ids"),
+    )
+
+
+class NeighborPool:
+    """Client of the shard actors: fan-out, merge, retries. Build with ``NeighborPool.start(config)``."""
+
+    def __init__(self, replicas: list[list[Any]], k: int, depth: int, max_retries: int, db_id: str):
+        self.replicas = replicas  # per shard: its actor handles
+        self.k = k
+        self.depth = depth
+        self.max_retries = max_retries
+        self.db_id = db_id
+        self._turn = 0
+
+    @classmethod
+    def start(cls, config: PlatformConfig, manifest: dict[str, Any] | None = None) -> NeighborPool:
+        """Start (or attach to, by name) one actor per index shard and replica of the configured database."""
+        manifest = manifest or validate_database(
+            config.db_path, expect={"chunk_len": config.database.chunk_len}
+        )
+        serve = config.serve
+        index_cfg = config.database.index
+        threads = max(1, math.ceil(serve.cpus_per_actor))
+        resources = {config.ray.build_resource: 0.01} if config.ray.build_resource else None
+        replicas = []
+        for shard in manifest["index"]["shards"]:
+            handles = []
+            for replica in range(serve.replicas):
+                handles.append(
+                    ShardActor.options(
+                        name=f"{serve.name}-{manifest['db_id']}-{shard['shard']}-{replica}",
+                        namespace=config.ray.namespace,
+                        get_if_exists=True,
+                        max_restarts=serve.max_restarts,
+                        max_task_retries=serve.max_retries,
+                        num_cpus=serve.cpus_per_actor,
+                        num_gpus=serve.gpus_per_actor or None,
+                        resources=resources,
+                        scheduling_strategy="SPREAD",
+                    ).remote(
+                        str(config.db_path),
+                        shard["shard"],
+                        index_cfg.nprobe,
+                        index_cfg.ef_search,
+                        index_cfg.blas_threshold,
+                        threads,
+                    )
+                )
+            replicas.append(handles)
+        pool = cls(
+            replicas, config.model.num_neighbors, serve.search_depth, serve.max_retries, manifest["db_id"]
+        )
+        pool.wait_ready()
+        logger.info("neighbour pool: %d shards x %d replicas ready", len(replicas), serve.replicas)
+        return pool
+
+    def wait_ready(self, timeout: float = 300) -> list[dict[str, Any]]:
+        """Block until every actor has loaded its shard -> their info."""
+        return ray.get([a.info.remote() for handles in self.replicas for a in handles], timeout=timeout)
+
+    @property
+    def num_shards(self) -> int:
+        """Index shards served."""
+        return len(self.replicas)
+
+    def _actor(self, shard: int, attempt: int):
+        handles = self.replicas[shard]
+        return handles[(self._turn + attempt) % len(handles)]
+
+    def submit(
+        self, queries: np.ndarray, exclude_doc_ids: list[np.ndarray] | None = None, k: int | None = None
+    ) -> list[ray.ObjectRef]:
+        """Send a batch to every shard without waiting -> one ObjectRef per shard (see ``collect``)."""
+        k = k or self.k
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self._turn += 1
+        ref = ray.put(queries) if queries.nbytes > 100_000 else queries
+        return [
+            self._actor(s, 0).search.remote(ref, k, exclude_doc_ids, self.depth)
+            for s in range(self.num_shards)
+        ]
+
+    def collect(
+        self,
+        refs: list[ray.ObjectRef],
+        queries: np.ndarray,
+        exclude_doc_ids: list[np.ndarray] | None = None,
+        k: int | None = None,
+    ) -> Neighbors:
+        """Wait for a submitted batch and merge it; a shard whose actor died is asked again."""
+        k = k or self.k
+        parts = []
+        for shard, ref in enumerate(refs):
+            attempt = 0
+            while True:
+                try:
+                    parts.append(ray.get(ref))
+                    break
+                except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                    attempt += 1
+                    if attempt > self.max_retries:
+                        raise
+                    logger.warning("shard %d unavailable (%s); retry %d", shard, type(exc).__name__, attempt)
+                    time.sleep(min(0.5 * attempt, 2.0))
+                    queries = np.ascontiguousarray(queries, dtype=np.float32)
+                    ref = self._actor(shard, attempt).search.remote(queries, k, exclude_doc_ids, self.depth)
+        return merge_topk(parts, k)
+
+    def search(
+        self, queries: np.ndarray, exclude_doc_ids: list[np.ndarray] | None = None, k: int | None = None
+    ) -> Neighbors:
+        """Global top-k neighbours of queries [q, d]; ``exclude_doc_ids[i]`` lists documents query i must
+        not get back (e.g. the documents of its own training sequence)."""
+        return self.collect(self.submit(queries, exclude_doc_ids, k), queries, exclude_doc_ids, k)
+
+    def shutdown(self) -> None:
+        """Stop every actor of the pool."""
+        for handles in self.replicas:
+            for actor in handles:
+                ray.kill(actor, no_restart=True)
+        self.replicas = []

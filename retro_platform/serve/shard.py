@@ -1,0 +1,121 @@
+"""ShardActor: one index shard of a database and its chunk tokens, answering neighbour queries.
+
+The actor memory-maps the shard's tokens and doc ids and loads its FAISS index from disk, so a
+restarted actor (Ray restarts it when it dies) comes back with the same state. ``search`` returns the
+shard-local top-k per query with the tokens of each neighbour chunk followed by its continuation (the
+next chunk of the same document, padding at a document's end), never a chunk of an excluded document.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import faiss
+import numpy as np
+import ray
+
+from retro_platform.db.index import set_search_params
+from retro_platform.db.layout import DatabaseLayout
+from retro_platform.db.manifest import load_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def continuation_tokens(tokens: np.ndarray, doc_ids: np.ndarray, local: np.ndarray, pad: int) -> np.ndarray:
+    """Neighbour tokens [..., 2m]: chunk ``local`` then the next chunk of the same document (or padding).
+
+    tokens [n, m], doc_ids [n], local [...] row numbers (-1 for a missing neighbour -> all padding).
+    """
+    n, m = tokens.shape
+    valid = local >= 0
+    rows = np.where(valid, local, 0)
+    nxt = np.minimum(rows + 1, n - 1)
+    has_next = valid & (rows + 1 < n) & (doc_ids[nxt] == doc_ids[rows])
+    out = np.full((*local.shape, 2 * m), pad, dtype=np.int32)
+    out[..., :m] = np.where(valid[..., None], tokens[rows], pad)
+    out[..., m:] = np.where(has_next[..., None], tokens[nxt], pad)
+    return out
+
+
+@ray.remote
+class ShardActor:
+    """Holds index shard ``shard`` of the database at ``db_path``."""
+
+    def __init__(
+        self,
+        db_path: str,
+        shard: int,
+        nprobe: int = 16,
+        ef_search: int = 64,
+        blas_threshold: int = 16,
+        threads: int = 1,
+    ):
+        layout = DatabaseLayout(db_path)
+        manifest = load_manifest(db_path)
+        info = next((s for s in manifest["index"]["shards"] if s["shard"] == shard), None)
+        if info is None:
+            raise ValueError(f"database {db_path} has no index shard {shard}")
+        self.shard = shard
+        self.chunk_start = int(info["chunk_start"])
+        self.pad_id = int(manifest["tokenizer"]["pad_id"])
+        self.index = faiss.read_index(str(layout.index(shard)), faiss.IO_FLAG_READ_ONLY)
+        set_search_params(self.index, nprobe, ef_search)
+        self.tokens = np.load(layout.shard_tokens(shard), mmap_mode="r")
+        self.doc_ids = np.load(layout.shard_doc_ids(shard), mmap_mode="r")
+        faiss.omp_set_num_threads(max(1, threads))
+        # Batches of 64-256 queries otherwise take a BLAS path that is ~8x slower on small shards
+        # (faiss-cpu 1.15.1 defaults to 128000; see benchmarks/pool.py).
+        faiss.cvar.distance_compute_blas_threshold = blas_threshold
+        logger.info("shard %d: %d vectors loaded (pid %d)", shard, self.index.ntotal, os.getpid())
+
+    def info(self) -> dict[str, Any]:
+        """Shard number, vectors, first chunk id and the serving process id."""
+        return {
+            "shard": self.shard,
+            "n_vectors": int(self.index.ntotal),
+            "chunk_start": self.chunk_start,
+            "pid": os.getpid(),
+        }
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude_doc_ids: list[np.ndarray] | None = None,
+        depth: int = 4,
+    ) -> dict[str, np.ndarray]:
+        """Shard-local top-k of each query [q, d] -> scores [q, k] (-inf = none), chunk_ids and doc_ids
+        [q, k] (-1 = none), tokens [q, k, 2m] (neighbour chunk + continuation)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        q = len(queries)
+        ntotal = self.index.ntotal
+        scores = np.full((q, k), -np.inf, dtype=np.float32)
+        local = np.full((q, k), -1, dtype=np.int64)
+        pending = np.arange(q)
+        search_k = min(ntotal, k * depth if exclude_doc_ids is not None else k)
+        while len(pending) and search_k > 0:
+            found_scores, found = self.index.search(queries[pending], search_k)
+            short = []
+            for row, qi in enumerate(pending):
+                ids = found[row]
+                keep = ids >= 0
+                if exclude_doc_ids is not None and len(exclude_doc_ids[qi]):
+                    keep &= ~np.isin(self.doc_ids[np.where(keep, ids, 0)], exclude_doc_ids[qi])
+                kept = np.flatnonzero(keep)[:k]
+                if len(kept) < k and search_k < ntotal:
+                    short.append(qi)  # exclusions ate the candidates: search deeper
+                    continue
+                scores[qi, : len(kept)] = found_scores[row, kept]
+                local[qi, : len(kept)] = ids[kept]
+            pending = np.asarray(short, dtype=np.int64)
+            search_k = min(ntotal, search_k * 4)
+        valid = local >= 0
+        doc = np.where(valid, self.doc_ids[np.where(valid, local, 0)], -1)
+        return {
+            "scores": scores,
+            "chunk_ids": np.where(valid, local + self.chunk_start, -1),
+            "doc_ids": doc.astype(np.int64),
+            "tokens": continuation_tokens(self.tokens, self.doc_ids, local, self.pad_id),
+        }
