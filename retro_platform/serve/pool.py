@@ -72,11 +72,18 @@ class NeighborPool:
             config.db_path, expect={"chunk_len": config.database.chunk_len}
         )
         serve = config.serve
+        pool = cls([], config.model.num_neighbors, serve.search_depth, serve.max_retries, manifest["db_id"])
+        pool.refresh(config, manifest)
+        logger.info("neighbour pool: %d shards x %d replicas ready", pool.num_shards, serve.replicas)
+        return pool
+
+    def refresh(self, config: PlatformConfig, manifest: dict[str, Any]) -> None:
+        """Start actors for index shards the pool does not serve yet (after `retro add-docs`)."""
+        serve = config.serve
         index_cfg = config.database.index
         threads = max(1, math.ceil(serve.cpus_per_actor))
         resources = {config.ray.build_resource: 0.01} if config.ray.build_resource else None
-        replicas = []
-        for shard in manifest["index"]["shards"]:
+        for shard in manifest["index"]["shards"][self.num_shards :]:
             handles = []
             for replica in range(serve.replicas):
                 handles.append(
@@ -99,13 +106,8 @@ class NeighborPool:
                         threads,
                     )
                 )
-            replicas.append(handles)
-        pool = cls(
-            replicas, config.model.num_neighbors, serve.search_depth, serve.max_retries, manifest["db_id"]
-        )
-        pool.wait_ready()
-        logger.info("neighbour pool: %d shards x %d replicas ready", len(replicas), serve.replicas)
-        return pool
+            self.replicas.append(handles)
+        self.wait_ready()
 
     def wait_ready(self, timeout: float = 300) -> list[dict[str, Any]]:
         """Block until every actor has loaded its shard -> their info."""
