@@ -48,7 +48,8 @@ def neighbor_table(
     """Neighbours of every chunk of ``split`` as a table sorted by chunk id."""
     store = ChunkStore(config.db_path, manifest)
     first, last = store.split_range(split)
-    k = config.model.num_neighbors
+    # keep k * search_depth candidates: training drops those from other documents of a chunk's sequence
+    k = config.model.num_neighbors * config.serve.search_depth
     ds = ray.data.range(last - first, override_num_blocks=max(1, min(8, (last - first) // 256)))
     ds = ds.map_batches(lambda b: {"chunk_id": b["id"] + first}, batch_size=None)
     ds = ds.map_batches(
@@ -89,7 +90,8 @@ def precompute_neighbors(config: PlatformConfig, pool: NeighborPool | None = Non
             write_table_atomic(table, path)
             relative = layout.relative(path)
             manifest["files"][relative] = file_sha256(path)
-            manifest.setdefault("neighbors", {})[split] = {"file": relative, "k": config.model.num_neighbors}
+            k = config.model.num_neighbors * config.serve.search_depth
+            manifest.setdefault("neighbors", {})[split] = {"file": relative, "candidates": k}
             logger.info(
                 "neighbours of %d %s chunks in %.1fs -> %s",
                 table.num_rows,
