@@ -107,3 +107,72 @@ def test_ddp_training_loss_falls_logs_to_mlflow_and_checkpoint_reloads(train_db,
     tokens = torch.randint(1, model.config.vocab_size, (1, 128))
     nbrs = torch.randint(1, model.config.vocab_size, (1, 2, 2, 128))
     torch.testing.assert_close(model(tokens, nbrs)[0], downloaded(tokens, nbrs)[0], atol=0, rtol=0)
+
+
+def test_killed_worker_resumes_from_checkpoint_and_finishes(train_db, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    config = debug_config(
+        train_db.work_dir,
+        "train.name=killed",
+        "train.steps=30",
+        "train.checkpoint_every=5",
+        "train.log_every=1",
+        f"train.storage_path={tmp_path / 'results'}",
+        "train.neighbor_mode=precomputed",
+    )
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(run_training(config)))
+    thread.start()
+    deadline = time.time() + 180
+    # two checkpoints on disk: the first is surely registered with Ray Train
+    while time.time() < deadline and len(list((tmp_path / "results").rglob("train_state.pt"))) < 2:
+        time.sleep(0.2)
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])
+    ]
+    assert workers, "no training workers found"
+    os.kill(workers[-1].pid, signal.SIGKILL)  # a worker process crashes
+    thread.join(timeout=400)
+    assert out, "training did not finish"
+    assert out["metrics"]["step"] == 30
+    client = mlflow.MlflowClient(config.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(out["run_id"], "train_loss")]
+    assert max(steps) == 30
+    restarts = [b for a, b in zip(steps, steps[1:], strict=False) if b <= a]
+    assert restarts, "the worker kill did not restart training"
+    # after the restart, steps continue from a checkpoint (a multiple of checkpoint_every), not from 0
+    assert all(b > 1 and (b - 1) % 5 == 0 for b in restarts), steps
+
+
+def test_retro_and_baseline_share_an_experiment_and_are_told_apart(train_db, tmp_path):
+    from retro_platform.evaluate import run_evaluation
+
+    runs = {}
+    for kind, retrieval in (("retro", "true"), ("baseline", "false")):
+        config = debug_config(
+            train_db.work_dir,
+            f"train.name=pair-{kind}",
+            "train.steps=10",
+            f"model.retrieval={retrieval}",
+            "tracking.comparison=pair",
+            f"train.storage_path={tmp_path / 'results'}",
+            "train.eval_every=0",
+        )
+        runs[kind] = run_training(config)
+        metrics = run_evaluation(config)
+        assert ("valid_bpb_retrieval" in metrics) == (kind == "retro") and metrics[
+            "valid_bpb_no_retrieval"
+        ] > 0
+    client = mlflow.MlflowClient(config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    found = client.search_runs([experiment.experiment_id], "tags.comparison = 'pair'")
+    assert {r.data.tags["model_kind"] for r in found} == {"retro", "baseline"}
+    assert all("eval_valid_bpb_no_retrieval" in r.data.metrics for r in found)

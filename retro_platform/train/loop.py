@@ -96,7 +96,9 @@ def evaluate_model(
 
 
 def _save(directory: Path, model, optimizer, step: int, position: int, config: dict) -> None:
-    save_model_dir(directory, model, extra={"step": step, "db_id": config.get("db_id")})
+    save_model_dir(
+        directory, model, extra={"step": step, "db_id": config.get("db_id"), "run_id": config.get("run_id")}
+    )
     torch.save(
         {"optimizer": optimizer.state_dict(), "step": step, "data_position": position, "config": config},
         directory / STATE_FILE,
@@ -243,7 +245,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         optimizer,
                         step,
                         loader.position,
-                        {**config.to_dict(), "db_id": loop_config.get("db_id")},
+                        {
+                            **config.to_dict(),
+                            "db_id": loop_config.get("db_id"),
+                            "run_id": loop_config.get("run_id"),
+                        },
                     )
                 if loop_config.get("worker_log"):
                     _append_seen(loop_config["worker_log"], rank, seen_log)
