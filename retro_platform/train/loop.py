@@ -105,13 +105,23 @@ def _save(directory: Path, model, optimizer, step: int, position: int, config: d
     )
 
 
+def _progress_logging() -> None:
+    """Progress lines of this package at INFO in the worker, without raising Ray Train's own loggers."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config``: config (PlatformConfig dict), pool, run_id, db_id."""
     config = PlatformConfig.from_dict(loop_config["config"])
     train_cfg = config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _progress_logging()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
     amp = train_cfg.amp == "bf16" or (train_cfg.amp == "auto" and device.type == "cuda")

@@ -1,0 +1,92 @@
+"""`retro generate`: sample from a checkpoint with live retrieval from the neighbour pool.
+
+Whenever a chunk of the text completes, its text is embedded with the database's encoder and the pool
+is queried; the next chunk attends to those neighbours (see ``retro_model.generate``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from retro_model.generate import generate
+from retro_platform.config import PlatformConfig
+from retro_platform.db.embed import Embedder
+from retro_platform.db.manifest import validate_database
+from retro_platform.db.store import ChunkStore
+from retro_platform.evaluate import load_compatible_model, resolve_checkpoint
+from retro_platform.ray_utils import init_ray
+from retro_platform.serve.pool import NeighborPool
+from retro_platform.tokenizer import load_tokenizer_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PoolRetriever:
+    """``retrieve(chunk_tokens) -> neighbour tokens [k, r]`` backed by the pool; records what it used."""
+
+    pool: NeighborPool
+    tokenizer: object
+    embedder: Embedder
+    k: int
+    used: list[tuple[str, list[int], list[float]]] = field(default_factory=list)
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        text = self.tokenizer.decode(chunk.tolist())
+        result = self.pool.search(self.embedder.encode([text]).astype(np.float32), k=self.k)
+        self.used.append((text, result.chunk_ids[0].tolist(), result.scores[0].tolist()))
+        return torch.from_numpy(result.tokens[0].astype(np.int64))
+
+
+def complete(config: PlatformConfig, model, pool: NeighborPool | None, prompt: str) -> tuple[str, list]:
+    """Generate a completion of ``prompt`` -> (text, [(chunk text, neighbour ids, scores)])."""
+    store = ChunkStore(config.db_path)
+    tokenizer = load_tokenizer_file(store.layout.tokenizer)
+    retriever = None
+    if model.config.retrieval and pool is not None:
+        embedder = Embedder(store.manifest["encoder"]["name"], out_dtype="float32")
+        retriever = PoolRetriever(pool, tokenizer, embedder, model.config.num_neighbors)
+    prompt_ids = torch.tensor(tokenizer.encode(prompt).ids, dtype=torch.long)
+    gen = config.generate
+    out = generate(
+        model,
+        prompt_ids,
+        gen.max_new_tokens,
+        retrieve=retriever,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        top_p=gen.top_p,
+        eos_id=tokenizer.token_to_id("<eod>"),
+    )
+    text = tokenizer.decode(out[len(prompt_ids) :].tolist())
+    return text, (retriever.used if retriever else [])
+
+
+def run_generation(config: PlatformConfig, prompt: str, checkpoint: str | None = None) -> str:
+    """Print and return a completion of ``prompt`` with the neighbours it read."""
+    started = init_ray(config)
+    pool = None
+    try:
+        manifest = validate_database(config.db_path)
+        model, _ = load_compatible_model(config, resolve_checkpoint(config, checkpoint), manifest)
+        if model.config.retrieval:
+            pool = NeighborPool.start(config, manifest)
+        text, used = complete(config, model, pool, prompt)
+        print(f"{prompt}{text}")
+        store = ChunkStore(config.db_path, manifest)
+        for chunk_text, ids, scores in used:
+            print(f"\n  chunk {chunk_text[:60]!r}... read:")
+            for cid, score in zip(ids, scores, strict=True):
+                if cid >= 0:
+                    print(f"    {score:.3f} {store.texts([cid])[0][:90]!r}")
+        return text
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if started:
+            ray.shutdown()
