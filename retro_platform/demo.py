@@ -25,8 +25,13 @@ from retro_platform.train.trainer import run_training
 
 logger = logging.getLogger(__name__)
 
-DEMO_PROMPT = "Albert Einstein was a German-born theoretical physicist who"
-"""The factual prompt of the demo's generation."""
+DEMO_PROMPT = (
+    "Albert Einstein was a German-born theoretical physicist who is best known for developing the theory "
+    "of relativity. Einstein also made important contributions to quantum mechanics. His mass-energy "
+    "equivalence formula, which arises from special relativity, has been called the world's most famous "
+    "equation. He received the 1921 Nobel Prize in Physics for"
+)
+"""The factual prompt of the demo's generation: longer than one chunk, so retrieval runs on it."""
 
 
 def variant(config: PlatformConfig, kind: str, comparison: str) -> PlatformConfig:

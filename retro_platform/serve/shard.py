@@ -62,6 +62,8 @@ class ShardActor:
         self.pad_id = int(manifest["tokenizer"]["pad_id"])
         self.index = faiss.read_index(str(layout.index(shard)), faiss.IO_FLAG_READ_ONLY)
         set_search_params(self.index, nprobe, ef_search)
+        if ray.get_gpu_ids() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            self.index = faiss.index_cpu_to_all_gpus(self.index)  # GPU actor with a FAISS GPU build
         self.tokens = np.load(layout.shard_tokens(shard), mmap_mode="r")
         self.doc_ids = np.load(layout.shard_doc_ids(shard), mmap_mode="r")
         faiss.omp_set_num_threads(max(1, threads))
