@@ -25,7 +25,7 @@ def train_stage() -> str:
 
 
 t0 = time.time()
-build_node, train_node = ray.get([build_stage.remote(), train_stage.remote()], timeout=240)
+build_node, train_node = ray.get([build_stage.remote(), train_stage.remote()], timeout=150)
 nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 print(
     json.dumps(
