@@ -116,6 +116,9 @@ class EmbedConfig:
     """GPUs per encoder actor (0 on CPU clusters)."""
     threads_per_actor: int | None = None
     """torch threads inside an encoder actor; None uses the actor's CPU share rounded up."""
+    rows_per_task: int = 256
+    """Chunks per embedding task (= one Parquet row group of the chunk store). Fixed task contents make
+    the embeddings byte-identical however a build is split or resumed; raise it for GPU actors."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("float16", "float32"), "database.embed.dtype", "must be float16 or float32")
@@ -129,6 +132,7 @@ class EmbedConfig:
         _check(self.num_actors >= 1, "database.embed.num_actors", "must be >= 1")
         _check(self.cpus_per_actor > 0, "database.embed.cpus_per_actor", "must be > 0")
         _check(self.gpus_per_actor >= 0, "database.embed.gpus_per_actor", "must be >= 0")
+        _check(self.rows_per_task >= 1, "database.embed.rows_per_task", "must be >= 1")
 
 
 @dataclass
@@ -153,6 +157,8 @@ class IndexConfig:
     """Train and add on a FAISS GPU build when one is present (falls back to CPU otherwise)."""
     blas_threshold: int = 16
     """faiss.cvar.distance_compute_blas_threshold: query batches at or above it use BLAS."""
+    deterministic_add: bool = True
+    """Add to graph indexes (HNSW) on one thread so a rebuilt shard is byte-identical (slower adds)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -252,6 +258,8 @@ class TrainConfig:
     """online (queried from the pool while training, prefetched) or precomputed (the neighbour table)."""
     prefetch_batches: int = 2
     """Batches whose neighbours are in flight ahead of the one training."""
+    query_batches: int = 4
+    """Batches whose neighbour queries go to the pool in one request (amortises Ray's per-call cost)."""
     eval_every: int = 50
     """Steps between validations (0: only at the end)."""
     eval_batches: int = 8
@@ -280,6 +288,8 @@ class TrainConfig:
             "train.neighbor_mode",
             "must be online or precomputed",
         )
+        _check(self.prefetch_batches >= 0, "train.prefetch_batches", "must be >= 0")
+        _check(self.query_batches >= 1, "train.query_batches", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 

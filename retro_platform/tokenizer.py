@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from retro_platform.config import TokenizerConfig
+from retro_platform.db.layout import DatabaseLayout
 from retro_platform.errors import DatabaseError
 
 PAD = "<pad>"
@@ -22,7 +23,10 @@ EOD = "<eod>"
 
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
-    """Train a byte-level BPE with ``config.vocab_size`` tokens on ``texts`` (deterministic)."""
+    """Train a byte-level BPE with ``config.vocab_size`` tokens on ``texts``.
+
+    Deterministic: the same texts in the same order give a byte-identical tokenizer.json.
+    """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -49,6 +53,20 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
     if tokenizer.token_to_id(PAD) is None:
         raise DatabaseError(f"tokenizer {path} has no {PAD} token; add it as a special token")
     return tokenizer
+
+
+def load_tokenizer(db_path: str | Path) -> Tokenizer:
+    """The tokenizer of the database at ``db_path`` (its ``tokenizer.json``)."""
+    return load_tokenizer_file(DatabaseLayout(db_path).tokenizer)
+
+
+def save_tokenizer_atomic(tokenizer: Tokenizer, path: str | Path) -> None:
+    """Save a tokenizer.json through a temporary file and rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tokenizer.save(str(tmp))
+    tmp.replace(path)
 
 
 def pad_id(tokenizer: Tokenizer) -> int:

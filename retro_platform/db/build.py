@@ -1,13 +1,23 @@
 """`retro build-db`: corpus -> tokenizer -> chunk store -> embeddings -> index shards -> manifest.
 
-Stages run on Ray (chunking as Ray Data tasks, embedding as a Ray Data actor pool) and are idempotent:
-every output file is written atomically and recorded with its checksum in the manifest after each
-stage, so a re-run skips shards whose outputs exist and match, rebuilds a missing or corrupt shard (and
-what depends on it), and refuses a folder that holds a database built with other settings.
+Stages run on Ray: the corpus is parsed and chunks are counted and written by Ray Data tasks, the
+chunks are embedded by a Ray Data actor pool, and index shards are filled shard by shard.
+
+Idempotent and resumable. Every output file is written to a temporary name and renamed, and the
+manifest records, for each file, its sha256 and the sha256 of the files it was made from. The manifest
+is rewritten (``status: building``) after every shard of every stage, so a re-run after an interruption
+or a deleted/corrupt file skips each output whose checksum and inputs still match and rebuilds only the
+rest. Outputs are deterministic (fixed embedding tasks, seeded index sample, single-threaded graph
+adds), so a resumed or repaired build is byte-identical to an uninterrupted one.
+
+Input errors (corpus, tokenizer file, index factory, too few training vectors) are found before the
+first file is written, so bad input never leaves a half-written database.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -18,39 +28,63 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 
 from retro_platform import tracking
 from retro_platform.config import PlatformConfig
-from retro_platform.corpus import Corpus, load_documents
+from retro_platform.corpus import Corpus, corpus_digest, load_documents
 from retro_platform.db import chunk as chunking
-from retro_platform.db.embed import Embedder, resolve_encoder_path
-from retro_platform.db.index import choose_factory, fill_index, train_index
+from retro_platform.db.embed import ChunkStoreEmbedder, encoder_dimension, resolve_encoder_path
+from retro_platform.db.index import choose_factory, fill_index, min_training_vectors, new_index, train_index
 from retro_platform.db.layout import FORMAT_VERSION, SPLITS, DatabaseLayout
 from retro_platform.db.manifest import load_manifest, write_manifest
 from retro_platform.errors import DatabaseError
 from retro_platform.ray_utils import init_ray
-from retro_platform.tokenizer import eod_id, file_sha256, load_tokenizer_file, pad_id, train_tokenizer
+from retro_platform.tokenizer import (
+    eod_id,
+    file_sha256,
+    load_tokenizer_file,
+    pad_id,
+    save_tokenizer_atomic,
+    train_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
+DB_ENTRIES = {"manifest.json", "tokenizer.json", "chunks", "embeddings", "index", "neighbors"}
+"""Names a database folder may hold (a folder with anything else is not overwritten)."""
 
-def build_fingerprint(config: PlatformConfig) -> str:
-    """Hash of every setting that changes the database's content (not its resources)."""
+
+def fingerprint_inputs(config: PlatformConfig, digest: str) -> dict[str, Any]:
+    """Every setting (and the corpus content digest) that changes a database's bytes, not its resources."""
     db = config.database
-    relevant = {
+    embed = db.embed
+    return {
         "chunk_len": db.chunk_len,
         "num_shards": db.num_shards,
-        "corpus": {
-            "source": db.corpus.source,
-            "max": db.corpus.max_documents,
-            "valid": db.corpus.valid_fraction,
-        },
-        "tokenizer": [db.tokenizer.path, db.tokenizer.vocab_size, db.tokenizer.min_frequency],
-        "encoder": [db.embed.model, db.embed.dtype],
-        "index": [db.index.factory, db.index.train_sample, db.index.include_valid, db.index.memory_budget_gb],
+        "corpus.source": db.corpus.source,
+        "corpus.digest": digest,
+        "corpus.max_documents": db.corpus.max_documents,
+        "corpus.valid_fraction": db.corpus.valid_fraction,
+        "tokenizer.path": db.tokenizer.path,
+        "tokenizer.vocab_size": db.tokenizer.vocab_size,
+        "tokenizer.min_frequency": db.tokenizer.min_frequency,
+        "embed.model": embed.model,
+        "embed.dtype": embed.dtype,
+        "embed.compute_dtype": embed.compute_dtype,
+        "embed.batch_size": embed.batch_size,
+        "embed.rows_per_task": embed.rows_per_task,
+        "index.factory": db.index.factory,
+        "index.train_sample": db.index.train_sample,
+        "index.include_valid": db.index.include_valid,
+        "index.memory_budget_gb": db.index.memory_budget_gb,
     }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_fingerprint(inputs: dict[str, Any]) -> str:
+    """Short hash of ``fingerprint_inputs``."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def shard_ranges(n_docs: int, num_shards: int) -> list[tuple[int, int]]:
@@ -60,8 +94,15 @@ def shard_ranges(n_docs: int, num_shards: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(num_shards)]
 
 
+def _write_index_atomic(index: faiss.Index, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(path)
+
+
 class _Builder:
-    """One run of the build; holds the manifest being written."""
+    """One run of the build: decides what is current, writes what is not, keeps the manifest."""
 
     def __init__(self, config: PlatformConfig):
         self.config = config
@@ -69,80 +110,96 @@ class _Builder:
         self.layout = DatabaseLayout(config.db_path)
         self.stats: dict[str, float] = {}
         self.previous: dict[str, Any] = {}
-        self.rebuilt: set[str] = set()  # relative paths written in this run
+        self.files: dict[str, str] = {}  # relative path -> sha256, as recorded
+        self.inputs: dict[str, dict[str, str]] = {}  # relative path -> {input relative path: sha256}
+        self.written: list[str] = []  # relative paths written by this run
+        self._sha: dict[str, str | None] = {}
+        self.task_resources = {config.ray.build_resource: 0.01} if config.ray.build_resource else None
 
     # ---- bookkeeping -------------------------------------------------------------------------------
-    def _load_previous(self) -> None:
+    def rel(self, path: Path) -> str:
+        return self.layout.relative(path)
+
+    def sha(self, path: Path) -> str | None:
+        """sha256 of a file on disk (None when missing), computed once per run."""
+        key = self.rel(path)
+        if key not in self._sha:
+            self._sha[key] = file_sha256(path) if path.exists() else None
+        return self._sha[key]
+
+    def load_previous(self, inputs: dict[str, Any]) -> None:
+        """Read the previous manifest (complete or partial); refuse a folder built with other settings."""
+        root = self.layout.root
         if not self.layout.manifest.exists():
-            if self.layout.root.exists() and any(self.layout.root.iterdir()):
-                stray = [p.name for p in self.layout.root.iterdir()]
-                known = {"chunks", "embeddings", "index", "tokenizer.json", "neighbors"}
-                if not set(stray) <= known and not all(n.startswith(".") for n in set(stray) - known):
+            if root.exists():
+                strays = sorted(p.name for p in root.iterdir() if p.name not in DB_ENTRIES)
+                if [n for n in strays if not n.startswith(".")]:
                     raise DatabaseError(
-                        f"{self.layout.root} exists and is not a database (holds {sorted(stray)[:5]}); "
-                        "choose another database.path"
+                        f"{root} exists and is not a database (holds {strays[:5]}); choose another database.path"
                     )
             return
         try:
-            self.previous = load_manifest(self.layout.root)
-        except DatabaseError:
-            logger.warning("manifest of %s unreadable: rebuilding every stage", self.layout.root)
+            self.previous = load_manifest(root)
+        except DatabaseError as exc:
+            logger.warning("%s; rebuilding every stage", exc)
             return
-        if self.previous.get("fingerprint") != build_fingerprint(self.config):
+        if self.previous.get("fingerprint") != build_fingerprint(inputs):
+            before = self.previous.get("fingerprint_inputs", {})
+            changed = sorted(k for k in inputs if before.get(k) != inputs[k]) if before else ["(unknown)"]
             raise DatabaseError(
-                f"database {self.layout.root} was built with different settings "
-                f"(fingerprint {self.previous.get('fingerprint')} vs {build_fingerprint(self.config)}); "
-                "use another database.path or delete the folder to rebuild it"
+                f"database {root} was built with different settings (changed: {', '.join(changed)}); "
+                "use another database.path, or delete the folder to rebuild it"
             )
+        self.files = dict(self.previous.get("files", {}))
+        self.inputs = {k: dict(v) for k, v in self.previous.get("inputs", {}).items()}
 
-    def _is_current(self, path: Path, *depends_on: Path) -> bool:
-        """True when ``path`` exists, matches its recorded checksum, and nothing it depends on was rebuilt."""
-        relative = self.layout.relative(path) if path.exists() else None
-        if relative is None:
+    def is_current(self, path: Path, inputs: list[Path]) -> bool:
+        """True when ``path`` matches its recorded checksum and was made from its inputs as they are now."""
+        key = self.rel(path)
+        actual = self.sha(path)
+        if actual is None or self.files.get(key) != actual:
             return False
-        if any(self.layout.relative(d) in self.rebuilt for d in depends_on if d.exists()):
-            return False
-        recorded = self.previous.get("files", {}).get(relative)
-        return recorded is not None and recorded == file_sha256(path)
+        return self.inputs.get(key) == {self.rel(p): self.sha(p) for p in inputs}
 
-    def _record(self, *paths: Path) -> None:
-        for path in paths:
-            self.rebuilt.add(self.layout.relative(path))
+    def record(self, path: Path, inputs: list[Path]) -> None:
+        """Note a freshly written file and what it was made from."""
+        key = self.rel(path)
+        self._sha.pop(key, None)
+        self.files[key] = self.sha(path)
+        self.inputs[key] = {self.rel(p): self.sha(p) for p in inputs}
+        self.written.append(key)
 
-    def _files(self, paths: list[Path]) -> dict[str, str]:
-        return {self.layout.relative(p): file_sha256(p) for p in paths if p.exists()}
+    def checkpoint(self, fingerprint: dict[str, Any]) -> None:
+        """Write a partial manifest (status 'building') so an interrupted build resumes from here."""
+        manifest = copy.deepcopy(self.previous)
+        manifest.update(
+            format_version=FORMAT_VERSION,
+            status="building",
+            fingerprint=build_fingerprint(fingerprint),
+            fingerprint_inputs=fingerprint,
+            files=dict(sorted(self.files.items())),
+            inputs=dict(sorted(self.inputs.items())),
+        )
+        write_manifest(self.layout, manifest)
+
+    def remove_temporaries(self) -> None:
+        """Delete temporary files an interrupted build left (``.<name>.tmp``)."""
+        if self.layout.root.exists():
+            for tmp in self.layout.root.rglob(".*.tmp"):
+                logger.info("removing %s left by an interrupted build", tmp)
+                tmp.unlink()
 
     # ---- stages ------------------------------------------------------------------------------------
-    def tokenizer(self, corpus: Corpus):
-        path = self.layout.tokenizer
-        if self._is_current(path):
-            logger.info("tokenizer: up to date")
-            return load_tokenizer_file(path)
-        t0 = time.perf_counter()
-        if self.db.tokenizer.path:
-            tok = load_tokenizer_file(self.db.tokenizer.path)
-        else:
-            tok = train_tokenizer((d["text"] for d in corpus.train), self.db.tokenizer)
-        self.layout.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".tokenizer.json.tmp")
-        tok.save(str(tmp))
-        tmp.replace(path)
-        self._record(path)
-        self.stats["tokenizer_seconds"] = time.perf_counter() - t0
-        logger.info("tokenizer: %d tokens (%.1fs)", tok.get_vocab_size(), self.stats["tokenizer_seconds"])
-        return load_tokenizer_file(path)
-
     def plan(self, corpus: Corpus, tokenizer) -> dict[str, list[dict[str, Any]]]:
-        """Shards of each split with document and chunk id ranges (counted with Ray Data tasks)."""
+        """Shards of each split with document and chunk id ranges (chunks counted by Ray Data tasks)."""
         tok_json = tokenizer.to_str()
         chunk_len = self.db.chunk_len
 
         def count(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             from tokenizers import Tokenizer
 
-            tok = Tokenizer.from_str(tok_json)
-            counts = chunking.count_chunks(batch["text"].tolist(), tok, chunk_len)
-            return {"n_chunks": np.asarray(counts, dtype=np.int64)}
+            counts = chunking.count_chunks(batch["text"].tolist(), Tokenizer.from_str(tok_json), chunk_len)
+            return {"position": batch["position"], "n_chunks": np.asarray(counts, dtype=np.int64)}
 
         plans: dict[str, list[dict[str, Any]]] = {}
         doc_start = chunk_start = 0
@@ -151,15 +208,16 @@ class _Builder:
             if not docs:
                 plans[split] = []
                 continue
-            ds = ray.data.from_items(
-                [{"text": d["text"]} for d in docs], override_num_blocks=min(len(docs), 8)
+            items = [{"position": i, "text": d["text"]} for i, d in enumerate(docs)]
+            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(docs) // 256, 16)))
+            batches = list(
+                ds.map_batches(
+                    count, batch_size=256, num_cpus=0.5, resources=self.task_resources
+                ).iter_batches(batch_size=None)
             )
-            per_doc = np.concatenate(
-                [
-                    b["n_chunks"]
-                    for b in ds.map_batches(count, batch_size=256, num_cpus=0.5).iter_batches(batch_size=None)
-                ]
-            )
+            per_doc = np.zeros(len(docs), dtype=np.int64)
+            for b in batches:
+                per_doc[b["position"]] = b["n_chunks"]
             num_shards = self.db.num_shards if split == "train" else max(1, math.ceil(self.db.num_shards / 4))
             shards = []
             for i, (a, b) in enumerate(shard_ranges(len(docs), num_shards)):
@@ -172,7 +230,6 @@ class _Builder:
                         doc_end=doc_start + b,
                         chunk_start=chunk_start,
                         chunk_end=chunk_start + n_chunks,
-                        local_docs=(a, b),
                     )
                 )
                 chunk_start += n_chunks
@@ -180,12 +237,34 @@ class _Builder:
             plans[split] = shards
         return plans
 
-    def chunks(self, corpus: Corpus, tokenizer, plans) -> None:
+    def check_index_trainable(self, plans, dim: int) -> str:
+        """The index factory to build; refuse (before anything is written) one that cannot be trained."""
+        index_cfg = self.db.index
+        sources = self.index_sources(plans)
+        n_total = sum(s["chunk_end"] - s["chunk_start"] for s in sources)
+        factory = index_cfg.factory
+        if factory == "auto":
+            factory = choose_factory(n_total, dim, index_cfg.memory_budget_gb)
+        new_index(factory, dim)  # raises DatabaseError naming database.index.factory for a bad string
+        need = min_training_vectors(factory)
+        have = min(index_cfg.train_sample, n_total)
+        if have < need:
+            raise DatabaseError(
+                f"index {factory!r} needs at least {need} training vectors but this database gives {have} "
+                f"({n_total} chunks to index, database.index.train_sample={index_cfg.train_sample}); use a "
+                "smaller index (fewer IVF lists / PQ bits), 'Flat', or database.index.factory=auto"
+            )
+        return factory
+
+    def index_sources(self, plans) -> list[dict[str, Any]]:
+        return list(plans["train"]) + (list(plans["valid"]) if self.db.index.include_valid else [])
+
+    def chunks(self, corpus: Corpus, tokenizer, plans, fingerprint) -> None:
         todo = [
             s
             for split in SPLITS
             for s in plans[split]
-            if not self._is_current(self.layout.chunks(split, s["shard"]), self.layout.tokenizer)
+            if not self.is_current(self.layout.chunks(split, s["shard"]), [self.layout.tokenizer])
         ]
         if not todo:
             logger.info("chunks: all %d shards up to date", sum(len(p) for p in plans.values()))
@@ -193,96 +272,105 @@ class _Builder:
         t0 = time.perf_counter()
         tok_json = tokenizer.to_str()
         chunk_len = self.db.chunk_len
-        layout_root = str(self.layout.root)
+        row_group = self.db.embed.rows_per_task
+        root = str(self.layout.root)
 
         def write_shard(row: dict[str, Any]) -> dict[str, Any]:
             from tokenizers import Tokenizer
 
-            tok = Tokenizer.from_str(tok_json)
             table = chunking.chunk_documents(
-                row["docs"], tok, chunk_len, row["doc_start"], row["chunk_start"]
+                row["docs"], Tokenizer.from_str(tok_json), chunk_len, row["doc_start"], row["chunk_start"]
             )
-            assert table.num_rows == row["chunk_end"] - row["chunk_start"], (
-                "chunk count changed between passes"
-            )
-            chunking.write_table_atomic(table, DatabaseLayout(layout_root).chunks(row["split"], row["shard"]))
+            if table.num_rows != row["chunk_end"] - row["chunk_start"]:
+                raise RuntimeError(f"shard {row['shard']}: chunk count changed between planning and writing")
+            path = DatabaseLayout(root).chunks(row["split"], row["shard"])
+            chunking.write_table_atomic(table, path, row_group_size=row_group)
             return {"shard": row["shard"], "split": row["split"], "rows": table.num_rows}
 
         items = []
         for s in todo:
-            a, b = s["local_docs"]
-            items.append(
-                {**{k: v for k, v in s.items() if k != "local_docs"}, "docs": corpus.split(s["split"])[a:b]}
-            )
+            a, b = s["doc_start"], s["doc_end"]
+            offset = 0 if s["split"] == "train" else len(corpus.train)
+            docs = [
+                {"id": d["id"], "text": d["text"]} for d in corpus.split(s["split"])[a - offset : b - offset]
+            ]
+            items.append({**s, "docs": docs})
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        done = ds.map(write_shard, num_cpus=0.5).take_all()
-        for s in done:
-            self._record(self.layout.chunks(s["split"], s["shard"]))
-        rows = sum(s["rows"] for s in done)
+        rows = 0
+        for done in ds.map(write_shard, num_cpus=0.5, resources=self.task_resources).iter_rows():
+            self.record(self.layout.chunks(done["split"], done["shard"]), [self.layout.tokenizer])
+            self.checkpoint(fingerprint)
+            rows += done["rows"]
         self.stats["chunk_seconds"] = time.perf_counter() - t0
         self.stats["chunks_per_second_chunking"] = rows / self.stats["chunk_seconds"]
         logger.info(
-            "chunks: wrote %d shards, %d chunks (%.1fs)", len(done), rows, self.stats["chunk_seconds"]
+            "chunks: wrote %d shards, %d chunks (%.1fs)", len(todo), rows, self.stats["chunk_seconds"]
         )
 
-    def embeddings(self, plans) -> int:
+    def embeddings(self, plans, fingerprint) -> None:
         todo = [
             s
             for split in SPLITS
             for s in plans[split]
-            if not self._is_current(
-                self.layout.embeddings(split, s["shard"]), self.layout.chunks(split, s["shard"])
+            if not self.is_current(
+                self.layout.embeddings(split, s["shard"]), [self.layout.chunks(split, s["shard"])]
             )
         ]
         if not todo:
             logger.info("embeddings: all shards up to date")
-            first = plans["train"][0]
-            return int(np.load(self.layout.embeddings("train", first["shard"]), mmap_mode="r").shape[1])
+            return
         embed = self.db.embed
         use_gpu = embed.gpus_per_actor > 0
-        threads = embed.threads_per_actor or max(1, math.ceil(embed.cpus_per_actor))
-        resources = {self.config.ray.build_resource: 0.01} if self.config.ray.build_resource else None
-        files = [str(self.layout.chunks(s["split"], s["shard"])) for s in todo]
+        # one task = one row group of a chunk-store shard, embedded in one encode call (deterministic)
+        items = []
+        for s in todo:
+            path = self.layout.chunks(s["split"], s["shard"])
+            meta = pq.ParquetFile(path).metadata
+            start = s["chunk_start"]
+            for group in range(meta.num_row_groups):
+                items.append({"path": str(path), "row_group": group, "chunk_start": start})
+                start += meta.row_group(group).num_rows
         total = sum(s["chunk_end"] - s["chunk_start"] for s in todo)
         t0 = time.perf_counter()
-        ds = ray.data.read_parquet(files, columns=["chunk_id", "text"])
-        # small inputs arrive as one block per file: split so the actor pool gets steady work
-        ds = ds.repartition(max(len(files), math.ceil(total / 1024)))
-        ds = ds.map_batches(
-            Embedder,
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ChunkStoreEmbedder,
             fn_constructor_kwargs=dict(
                 model=embed.model,
                 compute_dtype=embed.compute_dtype,
-                batch_size=embed.batch_size,
+                batch_size=embed.gpu_batch_size if use_gpu else embed.batch_size,
                 out_dtype=embed.dtype,
-                threads=threads,
+                threads=embed.threads_per_actor or max(1, math.ceil(embed.cpus_per_actor)),
             ),
-            batch_size=embed.gpu_batch_size if use_gpu else embed.batch_size * 4,
+            batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=embed.num_actors),
             num_cpus=embed.cpus_per_actor,
             num_gpus=embed.gpus_per_actor or None,
-            resources=resources,
+            resources=self.task_resources,
         )
-        # collect into per-shard arrays by chunk id (Ray Data may reorder blocks)
-        arrays: dict[tuple[str, int], np.ndarray] = {}
-        dim = None
-        for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-            vectors = (
-                np.stack(batch["embedding"]) if batch["embedding"].dtype == object else batch["embedding"]
-            )
-            dim = vectors.shape[1]
-            for s in todo:
-                sel = (batch["chunk_id"] >= s["chunk_start"]) & (batch["chunk_id"] < s["chunk_end"])
-                if not sel.any():
-                    continue
-                key = (s["split"], s["shard"])
-                if key not in arrays:
-                    arrays[key] = np.zeros((s["chunk_end"] - s["chunk_start"], dim), dtype=embed.dtype)
-                arrays[key][batch["chunk_id"][sel] - s["chunk_start"]] = vectors[sel]
-        for s in todo:
-            path = self.layout.embeddings(s["split"], s["shard"])
-            chunking.save_npy_atomic(arrays[(s["split"], s["shard"])], path)
-            self._record(path)
+        # Ray Data may reorder tasks: place rows by chunk id; write each shard as soon as it is complete
+        arrays: dict[int, np.ndarray] = {}
+        filled: dict[int, int] = {}
+        starts = np.array([s["chunk_start"] for s in todo], dtype=np.int64)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            vectors = batch["embedding"]
+            if vectors.dtype == object:
+                vectors = np.stack(vectors)
+            which = np.searchsorted(starts, batch["chunk_id"], side="right") - 1
+            for i in np.unique(which):
+                s = todo[i]
+                sel = which == i
+                if i not in arrays:
+                    arrays[i] = np.zeros((s["chunk_end"] - s["chunk_start"], vectors.shape[1]), embed.dtype)
+                    filled[i] = 0
+                arrays[i][batch["chunk_id"][sel] - s["chunk_start"]] = vectors[sel]
+                filled[i] += int(sel.sum())
+                if filled[i] == len(arrays[i]):
+                    path = self.layout.embeddings(s["split"], s["shard"])
+                    chunking.save_npy_atomic(arrays.pop(i), path)
+                    self.record(path, [self.layout.chunks(s["split"], s["shard"])])
+                    self.checkpoint(fingerprint)
+        if arrays:
+            raise RuntimeError(f"embedding stage ended with {len(arrays)} incomplete shards")
         self.stats["embed_seconds"] = time.perf_counter() - t0
         self.stats["chunks_per_second_embedding"] = total / self.stats["embed_seconds"]
         logger.info(
@@ -291,57 +379,52 @@ class _Builder:
             self.stats["embed_seconds"],
             self.stats["chunks_per_second_embedding"],
         )
-        return int(dim)
 
-    def index(self, plans, dim: int) -> dict[str, Any]:
+    def index(self, plans, factory: str, fingerprint) -> dict[str, Any]:
         index_cfg = self.db.index
-        sources = list(plans["train"]) + (list(plans["valid"]) if index_cfg.include_valid else [])
+        sources = self.index_sources(plans)
         n_total = sum(s["chunk_end"] - s["chunk_start"] for s in sources)
-        factory = index_cfg.factory
-        if factory == "auto":
-            factory = choose_factory(n_total, dim, index_cfg.memory_budget_gb)
         trained_path = self.layout.root / "index" / "trained.faiss"
         emb_paths = [self.layout.embeddings(s["split"], s["shard"]) for s in sources]
         t0 = time.perf_counter()
-        # the trained (empty) index stays valid when a shard is re-embedded: retrain only if it is missing
-        if self._is_current(trained_path):
+        if self.is_current(trained_path, emb_paths):
             trained = faiss.read_index(str(trained_path))
         else:
+            # a seeded sample, spread over every shard in proportion to its size
             rng = np.random.default_rng(0)
-            per_shard = [
-                max(1, round(index_cfg.train_sample * (s["chunk_end"] - s["chunk_start"]) / n_total))
-                for s in sources
-            ]
             sample = []
-            for take, path in zip(per_shard, emb_paths, strict=True):
+            for s, path in zip(sources, emb_paths, strict=True):
+                n = s["chunk_end"] - s["chunk_start"]
+                take = min(n, max(1, round(index_cfg.train_sample * n / n_total)))
                 vectors = np.load(path, mmap_mode="r")
-                rows = np.sort(rng.choice(len(vectors), size=min(take, len(vectors)), replace=False))
+                rows = np.sort(rng.choice(n, size=take, replace=False))
                 sample.append(np.asarray(vectors[rows], dtype=np.float32))
             trained = train_index(factory, np.concatenate(sample), use_gpu=index_cfg.use_gpu)
-            trained_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = trained_path.with_name(".trained.faiss.tmp")
-            faiss.write_index(trained, str(tmp))
-            tmp.replace(trained_path)
-            self._record(trained_path)
+            _write_index_atomic(trained, trained_path)
+            self.record(trained_path, emb_paths)
+            self.checkpoint(fingerprint)
+        # graph indexes (HNSW) are order-dependent when filled on several threads
+        single_thread = index_cfg.deterministic_add and "HNSW" in factory
         shards = []
         for number, (s, emb_path) in enumerate(zip(sources, emb_paths, strict=True)):
             chunks_path = self.layout.chunks(s["split"], s["shard"])
             outputs = [
-                self.layout.index(number),
-                self.layout.shard_tokens(number),
-                self.layout.shard_doc_ids(number),
+                (self.layout.index(number), [emb_path, trained_path]),
+                (self.layout.shard_tokens(number), [chunks_path]),
+                (self.layout.shard_doc_ids(number), [chunks_path]),
             ]
-            if not all(self._is_current(p, emb_path, chunks_path, trained_path) for p in outputs):
-                index = fill_index(
-                    trained, np.load(emb_path, mmap_mode="r"), index_cfg.add_block, index_cfg.use_gpu
-                )
-                tmp = outputs[0].with_name(f".{outputs[0].name}.tmp")
-                faiss.write_index(index, str(tmp))
-                tmp.replace(outputs[0])
+            if not all(self.is_current(path, inputs) for path, inputs in outputs):
+                with _omp_threads(1 if single_thread else None):
+                    index = fill_index(
+                        trained, np.load(emb_path, mmap_mode="r"), index_cfg.add_block, index_cfg.use_gpu
+                    )
+                _write_index_atomic(index, outputs[0][0])
                 table = chunking.read_chunks(chunks_path, ["tokens", "doc_id"])
-                chunking.save_npy_atomic(chunking.tokens_array(table, self.db.chunk_len), outputs[1])
-                chunking.save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), outputs[2])
-                self._record(*outputs)
+                chunking.save_npy_atomic(chunking.tokens_array(table, self.db.chunk_len), outputs[1][0])
+                chunking.save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), outputs[2][0])
+                for path, inputs in outputs:
+                    self.record(path, inputs)
+                self.checkpoint(fingerprint)
             shards.append(
                 dict(
                     shard=number,
@@ -355,6 +438,7 @@ class _Builder:
                 )
             )
         self.stats["index_seconds"] = time.perf_counter() - t0
+        self.stats["vectors_per_second_index"] = n_total / self.stats["index_seconds"]
         logger.info(
             "index: %s over %d vectors in %d shards (%.1fs)",
             factory,
@@ -367,34 +451,107 @@ class _Builder:
             "requested": index_cfg.factory,
             "metric": "inner_product",
             "includes_valid": index_cfg.include_valid,
-            "trained_file": self.layout.relative(trained_path),
+            "trained_file": self.rel(trained_path),
             "shards": shards,
         }
 
+    def carried_forward(self) -> tuple[dict[str, list], list[dict[str, Any]], list[str]]:
+        """Shards added later by `retro add-docs` (not in the corpus): kept as they are, checked."""
+        splits = {k: v for k, v in self.previous.get("splits", {}).items() if k not in SPLITS}
+        shards = [s for s in self.previous.get("index", {}).get("shards", []) if s["split"] not in SPLITS]
+        files = []
+        for split, entries in splits.items():
+            for s in entries:
+                files += [
+                    self.rel(self.layout.chunks(split, s["shard"])),
+                    self.rel(self.layout.embeddings(split, s["shard"])),
+                ]
+        for s in shards:
+            n = s["shard"]
+            files += [
+                self.rel(p)
+                for p in (self.layout.index(n), self.layout.shard_tokens(n), self.layout.shard_doc_ids(n))
+            ]
+        for key in files:
+            path = self.layout.root / key
+            if self.sha(path) != self.files.get(key):
+                raise DatabaseError(
+                    f"database file {path} (added by `retro add-docs`) is missing or corrupt and cannot be "
+                    "rebuilt from the corpus; restore it, or delete the database and rebuild it"
+                )
+        return splits, shards, files
+
     # ---- whole build -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self._load_previous()
         t_start = time.perf_counter()
+        # 1. everything that can refuse the input, before the first file is written
+        fingerprint = fingerprint_inputs(self.config, corpus_digest(self.db.corpus.source))
+        self.load_previous(fingerprint)
+        t0 = time.perf_counter()
         corpus = load_documents(self.db.corpus)
-        tokenizer = self.tokenizer(corpus)
+        self.stats["corpus_seconds"] = time.perf_counter() - t0
+        self.stats["documents_per_second_corpus"] = corpus.read / self.stats["corpus_seconds"]
+        t0 = time.perf_counter()
+        tokenizer_current = self.is_current(self.layout.tokenizer, [])
+        if tokenizer_current:
+            tokenizer = load_tokenizer_file(self.layout.tokenizer)
+        elif self.db.tokenizer.path:
+            tokenizer = load_tokenizer_file(self.db.tokenizer.path)
+        else:
+            tokenizer = train_tokenizer((d["text"] for d in corpus.train), self.db.tokenizer)
+        self.stats["tokenizer_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         plans = self.plan(corpus, tokenizer)
-        self.chunks(corpus, tokenizer, plans)
-        dim = self.embeddings(plans)
-        index_info = self.index(plans, dim)
+        self.stats["plan_seconds"] = time.perf_counter() - t0
+        dim = encoder_dimension(self.db.embed.model)
+        factory = self.check_index_trainable(plans, dim)
+        added_splits, added_shards, added_files = self.carried_forward()
+
+        # 2. the stages, each skipping what is current
+        self.remove_temporaries()
+        if tokenizer_current:
+            logger.info("tokenizer: up to date")
+        else:
+            save_tokenizer_atomic(tokenizer, self.layout.tokenizer)
+            self.record(self.layout.tokenizer, [])
+            self.checkpoint(fingerprint)
+            logger.info(
+                "tokenizer: %d tokens (%.1fs)", tokenizer.get_vocab_size(), self.stats["tokenizer_seconds"]
+            )
+        tokenizer = load_tokenizer_file(self.layout.tokenizer)
+        self.chunks(corpus, tokenizer, plans, fingerprint)
+        self.embeddings(plans, fingerprint)
+        index_info = self.index(plans, factory, fingerprint)
+        index_info["shards"] += added_shards
+
+        # 3. the manifest: only the files of this database, with their checksums and inputs
         paths = [self.layout.tokenizer, self.layout.root / index_info["trained_file"]]
         for split in SPLITS:
             for s in plans[split]:
                 paths += [self.layout.chunks(split, s["shard"]), self.layout.embeddings(split, s["shard"])]
-        for s in index_info["shards"]:
+        for s in index_info["shards"][: len(index_info["shards"]) - len(added_shards)]:
             n = s["shard"]
             paths += [self.layout.index(n), self.layout.shard_tokens(n), self.layout.shard_doc_ids(n)]
+        keys = [self.rel(p) for p in paths] + added_files
+        files = {k: self.files[k] for k in sorted(keys)}
+        neighbors = self.previous.get("neighbors", {})
+        unchanged = all(self.previous.get("files", {}).get(k) == v for k, v in files.items())
+        if neighbors and unchanged:  # precomputed neighbour tables stay valid while nothing else changed
+            files.update(
+                {v["file"]: self.files[v["file"]] for v in neighbors.values() if v["file"] in self.files}
+            )
+        else:
+            neighbors = {}
         counts = self._counts(corpus, plans)
-        files = self._files(paths)
+        for split, entries in added_splits.items():
+            counts["documents"][split] = self.previous["counts"]["documents"].get(split, 0)
+            counts["chunks"][split] = sum(s["chunk_end"] - s["chunk_start"] for s in entries)
         manifest = {
             "format_version": FORMAT_VERSION,
             "status": "complete",
             "db_id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
-            "fingerprint": build_fingerprint(self.config),
+            "fingerprint": build_fingerprint(fingerprint),
+            "fingerprint_inputs": fingerprint,
             "config": self.config.to_dict()["database"],
             "chunk_len": self.db.chunk_len,
             "tokenizer": {
@@ -409,24 +566,28 @@ class _Builder:
                 "path": resolve_encoder_path(self.db.embed.model),
                 "dim": dim,
                 "dtype": self.db.embed.dtype,
+                "compute_dtype": self.db.embed.compute_dtype,
+                "batch_size": self.db.embed.batch_size,
+                "normalized": True,
             },
             "counts": counts,
-            "splits": {
-                split: [{k: v for k, v in s.items() if k != "local_docs"} for s in plans[split]]
-                for split in SPLITS
-            },
+            "splits": {**{split: plans[split] for split in SPLITS}, **added_splits},
             "index": index_info,
             "files": files,
-            "neighbors": self.previous.get("neighbors", {}) if not self.rebuilt else {},
+            "inputs": {k: self.inputs[k] for k in files if k in self.inputs},
+            "neighbors": neighbors,
         }
-        write_manifest(self.layout, manifest)
+        if "revision" in self.previous:
+            manifest["revision"] = self.previous["revision"]
+        if self.written or manifest != self.previous:  # a checkpoint may have replaced it
+            write_manifest(self.layout, manifest)
         self.stats["total_seconds"] = time.perf_counter() - t_start
         logger.info(
-            "database %s: %d documents, %d chunks, %d files rebuilt (%.1fs)",
+            "database %s: %d documents, %d chunks, %d files written (%.1fs)",
             self.layout.root,
-            counts["documents"]["train"] + counts["documents"]["valid"],
-            counts["chunks"]["train"] + counts["chunks"]["valid"],
-            len(self.rebuilt),
+            sum(counts["documents"].values()),
+            sum(counts["chunks"].values()),
+            len(self.written),
             self.stats["total_seconds"],
         )
         return manifest
@@ -435,11 +596,9 @@ class _Builder:
         real = total = 0
         for split in SPLITS:
             for s in plans[split]:
-                n_tokens = chunking.read_chunks(self.layout.chunks(split, s["shard"]), ["n_tokens"]).column(
-                    "n_tokens"
-                )
-                real += int(np.asarray(n_tokens).sum())
-                total += len(n_tokens) * self.db.chunk_len
+                table = chunking.read_chunks(self.layout.chunks(split, s["shard"]), ["n_tokens"])
+                real += int(np.asarray(table.column("n_tokens")).sum())
+                total += table.num_rows * self.db.chunk_len
         return {
             "documents_read": corpus.read,
             "documents_empty": corpus.empty,
@@ -452,8 +611,26 @@ class _Builder:
         }
 
 
+@contextlib.contextmanager
+def _omp_threads(threads: int | None):
+    """Run FAISS with ``threads`` OpenMP threads inside the block (None: unchanged)."""
+    if threads is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def build_database(config: PlatformConfig) -> dict[str, Any]:
-    """Build, resume or repair the database at ``config.db_path`` -> its manifest. Tracked in MLflow."""
+    """Build, resume or repair the database at ``config.db_path`` -> its manifest. Tracked in MLflow.
+
+    Logs the config as params, counts and per-stage throughput as metrics, and manifest.json as an
+    artifact of an MLflow run tagged ``stage=build-db``.
+    """
     started = init_ray(config)
     try:
         builder = _Builder(config)
@@ -461,8 +638,8 @@ def build_database(config: PlatformConfig) -> dict[str, Any]:
             tracking.log_params(config.flatten())
             manifest = builder.run()
             metrics = dict(builder.stats)
-            metrics.update({k: v for k, v in tracking.flatten_numbers(manifest["counts"]).items()})
-            metrics["files_rebuilt"] = len(builder.rebuilt)
+            metrics.update(tracking.flatten_numbers(manifest["counts"]))
+            metrics["files_written"] = len(builder.written)
             tracking.log_metrics(metrics)
             tracking.set_tags({"db_id": manifest["db_id"], "index": manifest["index"]["factory"]})
             tracking.log_artifact(builder.layout.manifest)

@@ -72,11 +72,14 @@ def chunk_documents(
     return pa.Table.from_pydict(columns, schema=CHUNK_SCHEMA)
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write Parquet through a temporary file and rename, so a crash never leaves a partial file."""
+def write_table_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
+    """Write Parquet through a temporary file and rename, so a crash never leaves a partial file.
+
+    ``row_group_size`` fixes the rows per row group (the build embeds one row group per task).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
     os.replace(tmp, path)
 
 

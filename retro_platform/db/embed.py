@@ -7,9 +7,11 @@ on a GPU in float16. Output vectors are L2-normalised (inner product = cosine).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +43,38 @@ def resolve_encoder_path(name: str) -> str:
     return name
 
 
+def encoder_dimension(name: str) -> int:
+    """Output dimension of a sentence-transformers encoder, read from its module configs (no weights).
+
+    Falls back to loading the model when the folder does not describe it (e.g. a hub name).
+    """
+    folder = Path(resolve_encoder_path(name))
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        dim = None
+        for module in modules:
+            config = folder / module.get("path", "") / "config.json"
+            kind = module.get("type", "")
+            if kind.endswith("Pooling"):
+                dim = int(json.loads(config.read_text())["word_embedding_dimension"])
+            elif kind.endswith("Dense"):
+                dim = int(json.loads(config.read_text())["out_features"])
+        if dim is not None:
+            return dim
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return Embedder(name, compute_dtype="float32", device="cpu").dim
+
+
+def resolve_compute_dtype(compute_dtype: str, device: str) -> str:
+    """The encoder weight dtype for ``auto``: float16 on a GPU, bfloat16 on bf16 CPUs, else float32."""
+    if compute_dtype != "auto":
+        return compute_dtype
+    if device.startswith("cuda"):
+        return "float16"
+    return "bfloat16" if cpu_supports_bf16() else "float32"
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 matmuls (AVX-512 BF16 or AMX)."""
     try:
@@ -53,8 +87,10 @@ def cpu_supports_bf16() -> bool:
 class Embedder:
     """Embeds texts with a frozen sentence-transformers model.
 
-    Use directly (``Embedder(...).encode(texts)``) or as a Ray Data callable class: batches with a
-    ``text`` column gain an ``embedding`` column.
+    Use directly (``Embedder(...).encode(texts)``, or ``Embedder.from_manifest(manifest)`` to embed
+    exactly as a database was built) or as a Ray Data callable class over batches with ``chunk_id`` and
+    ``text`` columns. The vector of a text depends slightly on the other texts of the same ``encode``
+    call (padding changes the matmul shapes); the same list of texts always gives the same bytes.
     """
 
     def __init__(
@@ -74,11 +110,9 @@ class Embedder:
             torch.set_num_threads(threads)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if compute_dtype == "auto":
-            compute_dtype = (
-                "float16" if device.startswith("cuda") else ("bfloat16" if cpu_supports_bf16() else "float32")
-            )
+        compute_dtype = resolve_compute_dtype(compute_dtype, device)
         self.compute_dtype = compute_dtype
+        self.device = device
         self.model = SentenceTransformer(
             resolve_encoder_path(model),
             device=device,
@@ -93,6 +127,19 @@ class Embedder:
         )
         self.dim = int(get_dim())
 
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], **overrides: Any) -> Embedder:
+        """An embedder with the encoder, weight dtype, batch size and output dtype a database was built with."""
+        encoder = manifest["encoder"]
+        kwargs = dict(
+            model=encoder["name"],
+            compute_dtype=encoder.get("compute_dtype", "auto"),
+            batch_size=encoder.get("batch_size", 64),
+            out_dtype=encoder["dtype"],
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """Normalised embeddings [len(texts), dim] in the output dtype."""
         vectors = self.model.encode(
@@ -105,3 +152,28 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data batch {chunk_id, text, ...} -> {chunk_id, embedding}."""
         return {"chunk_id": batch["chunk_id"], "embedding": self.encode(batch["text"].tolist())}
+
+
+class ChunkStoreEmbedder(Embedder):
+    """Ray Data callable class of the build: embeds one row group of a chunk-store shard per task.
+
+    Input rows are work items ``{path, row_group, chunk_start}`` (``chunk_start`` = chunk id of the row
+    group's first row); the texts are read from the Parquet file inside the actor, so they never pass
+    through the driver, and every task embeds exactly the same texts in one ``encode`` call whatever
+    else the build does: a shard rebuilt alone or after an interruption gets byte-identical vectors.
+    Output: one row per chunk, ``{chunk_id, embedding}``.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Work items -> {chunk_id [n], embedding [n, dim]}."""
+        import pyarrow.parquet as pq
+
+        ids, vectors = [], []
+        for path, row_group, chunk_start in zip(
+            batch["path"], batch["row_group"], batch["chunk_start"], strict=True
+        ):
+            texts = pq.ParquetFile(str(path)).read_row_group(int(row_group), columns=["text"])
+            texts = texts.column("text").to_pylist()
+            ids.append(np.arange(int(chunk_start), int(chunk_start) + len(texts), dtype=np.int64))
+            vectors.append(self.encode(texts))
+        return {"chunk_id": np.concatenate(ids), "embedding": np.concatenate(vectors)}

@@ -16,6 +16,16 @@ from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
 from retro_platform.errors import DatabaseError
 from retro_platform.tokenizer import file_sha256
 
+EXPECTABLE = {
+    "chunk_len": lambda m: m["chunk_len"],
+    "tokenizer_sha256": lambda m: m["tokenizer"]["sha256"],
+    "encoder": lambda m: m["encoder"]["name"],
+    "vocab_size": lambda m: m["tokenizer"]["vocab_size"],
+    "dim": lambda m: m["encoder"]["dim"],
+    "pad_id": lambda m: m["tokenizer"]["pad_id"],
+}
+"""What a later stage can require of a database (``validate_database(expect=...)``)."""
+
 
 def write_manifest(layout: DatabaseLayout, manifest: dict[str, Any]) -> None:
     """Write manifest.json atomically."""
@@ -55,21 +65,27 @@ def validate_database(
 ) -> dict[str, Any]:
     """Load and check a database -> its manifest.
 
-    ``expect`` may name ``chunk_len``, ``tokenizer_sha256``, ``encoder``, ``vocab_size``: a mismatch
-    raises DatabaseError saying which. ``check_files`` verifies every file against its checksum.
+    ``expect`` may name any of ``EXPECTABLE`` (``chunk_len``, ``tokenizer_sha256``, ``encoder``,
+    ``vocab_size``, ``dim``, ``pad_id``): a mismatch raises DatabaseError saying which; an unknown key
+    is a ValueError (a typo must not pass silently). ``check_files`` verifies every file against its
+    checksum (sha256), naming the first missing or different one.
     """
     layout = DatabaseLayout(db_path)
     manifest = load_manifest(db_path)
     if manifest.get("status") != "complete":
-        raise DatabaseError(f"database {layout.root} is only partly built; run `retro build-db` to finish it")
-    actual = {
-        "chunk_len": manifest["chunk_len"],
-        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-        "encoder": manifest["encoder"]["name"],
-        "vocab_size": manifest["tokenizer"]["vocab_size"],
-    }
+        raise DatabaseError(
+            f"database {layout.root} is only partly built ({layout.manifest} has status "
+            f"{manifest.get('status')!r}); run `retro build-db` to finish it"
+        )
+    unknown = sorted(set(expect or {}) - set(EXPECTABLE))
+    if unknown:
+        raise ValueError(f"validate_database: unknown expectation(s) {unknown}; known: {list(EXPECTABLE)}")
+    try:
+        actual = {key: get(manifest) for key, get in EXPECTABLE.items()}
+    except (KeyError, TypeError) as exc:
+        raise DatabaseError(f"{layout.manifest} lacks {exc}; run `retro build-db` to repair it") from None
     for key, value in (expect or {}).items():
-        if key in actual and actual[key] != value:
+        if actual[key] != value:
             raise DatabaseError(
                 f"database {layout.root} was built with {key}={actual[key]!r} but {value!r} is expected; "
                 "use the database this model was trained on, or rebuild/retrain so they match"
