@@ -1,7 +1,9 @@
 """`retro eval`: valid loss and bits-per-byte of a checkpoint, with retrieval and with retrieval off.
 
-The checkpoint must match the database (chunk length, vocabulary); metrics are logged to the training
-run the checkpoint came from (``eval_*``), or to a new ``eval`` run when that run is unknown.
+The checkpoint must match the database (chunk length, vocabulary, tokenizer); neighbours come from the
+source ``train.neighbor_mode`` names (the live pool, or the precomputed table). Metrics are logged as
+``eval_*`` into the training run the checkpoint came from, or into a new ``eval`` run when that run is
+not in the configured tracking store.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import ray
 import torch
 
@@ -30,7 +31,7 @@ from retro_platform.train.trainer import latest_checkpoint
 logger = logging.getLogger(__name__)
 
 
-def resolve_checkpoint(config: PlatformConfig, checkpoint: str | None) -> Path:
+def resolve_checkpoint(config: PlatformConfig, checkpoint: str | Path | None) -> Path:
     """An explicit checkpoint directory, or the newest one of the run ``train.name``."""
     if checkpoint:
         path = Path(checkpoint).expanduser()
@@ -40,13 +41,14 @@ def resolve_checkpoint(config: PlatformConfig, checkpoint: str | None) -> Path:
     found = latest_checkpoint(config.storage_path, config.train.name)
     if found is None:
         raise CheckpointError(
-            f"no checkpoint of run {config.train.name!r} under {config.storage_path}; train first or pass --checkpoint"
+            f"no checkpoint of run {config.train.name!r} under {config.storage_path}; "
+            "train first, set train.name, or pass --checkpoint DIR"
         )
     return found
 
 
 def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: dict[str, Any]):
-    """Load a checkpoint and refuse it when it does not match the database."""
+    """Load a checkpoint and refuse it when it does not match the database -> (model, extra)."""
     try:
         model, extra = load_model_dir(checkpoint)
     except (FileNotFoundError, ValueError) as exc:
@@ -61,6 +63,12 @@ def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: di
             f"checkpoint {checkpoint} has vocab_size {model.config.vocab_size} but the tokenizer of "
             f"{config.db_path} has {manifest['tokenizer']['vocab_size']}: it was trained with another tokenizer"
         )
+    sha = extra.get("tokenizer_sha256")
+    if sha and sha != manifest["tokenizer"]["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was trained with another tokenizer than the one of {config.db_path} "
+            "(same vocabulary size, different tokens): evaluate it on the database it was trained with"
+        )
     if extra.get("db_id") and extra["db_id"] != manifest["db_id"]:
         logger.warning(
             "checkpoint %s was trained on database %s, evaluating on %s",
@@ -72,9 +80,12 @@ def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: di
 
 
 def run_evaluation(
-    config: PlatformConfig, checkpoint: str | None = None, pool: NeighborPool | None = None
+    config: PlatformConfig, checkpoint: str | Path | None = None, pool: NeighborPool | None = None
 ) -> dict[str, float]:
-    """Evaluate a checkpoint on the valid split -> metrics (also logged to MLflow)."""
+    """Evaluate a checkpoint on the valid split -> metrics (``valid_{loss,bpb}_{retrieval,no_retrieval}``).
+
+    Also logged to MLflow as ``eval_*``. ``pool`` reuses a running NeighborPool for online neighbours.
+    """
     started = init_ray(config)
     own_pool = False
     try:
@@ -82,20 +93,34 @@ def run_evaluation(
         path = resolve_checkpoint(config, checkpoint)
         model, extra = load_compatible_model(config, path, manifest)
         store = ChunkStore(config.db_path, manifest)
-        tokenizer = load_tokenizer_file(store.layout.tokenizer)
         source = SequenceSource(
-            store, "valid", config.train.seq_len, model.config.num_neighbors, token_byte_lengths(tokenizer)
+            store,
+            "valid",
+            config.train.seq_len,
+            model.config.num_neighbors,
+            token_byte_lengths(load_tokenizer_file(store.layout.tokenizer)),
         )
         batches = evaluation_batches(source, config.train.batch_size, config.train.eval_batches)
-        mode = "online" if model.config.retrieval else None
-        if mode and pool is None:
+        mode = config.train.neighbor_mode if model.config.retrieval else None
+        if mode == "online" and pool is None:
             pool, own_pool = NeighborPool.start(config, manifest), True
-        metrics = evaluate_model(model, source, batches, pool, mode, torch.device("cpu"), amp=False)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        amp = config.train.amp == "bf16" or (config.train.amp == "auto" and device.type == "cuda")
+        metrics = evaluate_model(model.to(device), source, batches, pool, mode, device, amp)
         logger.info("evaluation of %s: %s", path, {k: round(v, 4) for k, v in metrics.items()})
-        tracking.setup(config)
+        logged = {f"eval_{k}": v for k, v in metrics.items()}
         run_id = extra.get("run_id")
-        with mlflow.start_run(run_id=run_id) if run_id else tracking.start_run(config, stage="eval"):
-            tracking.log_metrics({f"eval_{k}": v for k, v in metrics.items()})
+        if tracking.run_exists(config, run_id):
+            tracking.log_metrics_to_run(config, run_id, logged)
+        else:
+            with tracking.start_run(config, stage="eval") as run:
+                tracking.log_metrics(logged)
+                tracking.set_tags({"checkpoint": str(path), "db_id": manifest["db_id"]})
+                logger.info(
+                    "checkpoint's training run not in %s: logged to run %s",
+                    config.tracking_uri,
+                    run.info.run_id,
+                )
         return metrics
     finally:
         if own_pool and pool is not None:

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from retro_platform.config import PlatformConfig
@@ -92,3 +98,140 @@ def flatten_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"{prefix}{key}"] = float(value)
     return out
+
+
+# ---- training runs -----------------------------------------------------------------------------------
+# RETRO and baseline runs of one comparison share ``tracking.experiment`` and the tag ``comparison``;
+# ``model_kind`` (retro | baseline) tells them apart.
+
+MODEL_ARTIFACT = "model"
+"""Artifact path (and name) of the logged pyfunc model."""
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+"""Artifact path of the final training checkpoint (+ tokenizer.json)."""
+
+_PYFUNC_CODE = Path(__file__).resolve().parent / "train" / "mlflow_model.py"
+
+
+def run_exists(config: PlatformConfig, run_id: str | None) -> bool:
+    """True when ``run_id`` is a run of the configured tracking store."""
+    if not run_id:
+        return False
+    try:
+        MlflowClient(config.tracking_uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def training_tags(config: PlatformConfig, manifest: dict[str, Any]) -> dict[str, str]:
+    """Tags of a training run: model kind, comparison group, database id, neighbour source, run name."""
+    tags = {
+        "model_kind": "retro" if config.model.retrieval else "baseline",
+        "db_id": manifest["db_id"],
+        "neighbor_mode": config.train.neighbor_mode if config.model.retrieval else "none",
+        "train_name": config.train.name,
+    }
+    if config.tracking.comparison:
+        tags["comparison"] = config.tracking.comparison
+    return {k: str(v) for k, v in tags.items()}
+
+
+@contextlib.contextmanager
+def training_run(
+    config: PlatformConfig, manifest: dict[str, Any], resume_run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """Start the MLflow run of a training (driver side; workers log to it by id) and end it after.
+
+    A new run gets the flattened config as params, the database manifest id, and the comparison tags. A
+    resumed training (``resume_run_id``, e.g. from the checkpoint it resumes) continues its old run, so
+    its curves continue too; params it already has are kept and changed ones are reported in a tag.
+    """
+    params = {**config.flatten(), "db_id": manifest["db_id"]}
+    if run_exists(config, resume_run_id):
+        setup(config)
+        with mlflow.start_run(run_id=resume_run_id) as run:
+            old = run.data.params
+            clean = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
+            changed = sorted(k for k, v in clean.items() if k in old and old[k] != v)
+            if changed:
+                logger.warning("resumed run %s with changed settings: %s", resume_run_id, changed)
+                mlflow.set_tag("resumed_with_changes", ",".join(changed)[:MAX_PARAM_LENGTH])
+            log_params({k: v for k, v in clean.items() if k not in old})
+            set_tags(training_tags(config, manifest))
+            yield run
+        return
+    name = config.tracking.run_name or config.train.name
+    with start_run(config, stage="train", run_name=name) as run:
+        log_params(params)
+        set_tags(training_tags(config, manifest))
+        yield run
+
+
+class MetricBuffer:
+    """Rank-0 metrics of a run, sent in batches (one ``log_batch`` call instead of ~10 ms per metric)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self._pending: list[Metric] = []
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        """Queue numeric metrics of ``step``."""
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self._pending.append(Metric(key, float(value), now, step))
+
+    def flush(self) -> None:
+        """Send queued metrics (MLflow takes at most 1000 per batch)."""
+        while self._pending:
+            self.client.log_batch(self.run_id, metrics=self._pending[:1000])
+            self._pending = self._pending[1000:]
+
+
+def log_checkpoint(checkpoint_dir: str | Path, tokenizer: str | Path) -> None:
+    """The final checkpoint (model, optimizer, schedule, step, config) and the tokenizer, as artifacts."""
+    log_artifact(checkpoint_dir, CHECKPOINT_ARTIFACT)
+    log_artifact(tokenizer, CHECKPOINT_ARTIFACT)
+
+
+def log_retro_model(checkpoint_dir: str | Path, tokenizer: str | Path) -> str:
+    """Log the model of a checkpoint as an MLflow pyfunc model -> its model URI.
+
+    The model is logged from code (``retro_platform/train/mlflow_model.py``), not pickled: its artifact
+    holds ``model.safetensors`` (weights + RetroConfig) and ``tokenizer.json``, and loading runs no code
+    from the store beyond that file. ``load_retro_model`` gets the ``Retro`` back.
+    """
+    import importlib.metadata
+
+    from retro_model.checkpoint import WEIGHTS_FILE
+
+    requirements = []
+    for package in ("retro-platform", "torch", "safetensors", "tokenizers"):
+        try:
+            requirements.append(f"{package}=={importlib.metadata.version(package).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            requirements.append(package)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy2(Path(checkpoint_dir) / WEIGHTS_FILE, Path(tmp) / WEIGHTS_FILE)
+        shutil.copy2(tokenizer, Path(tmp) / "tokenizer.json")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(_PYFUNC_CODE),
+            artifacts={"model": tmp},
+            pip_requirements=requirements,
+        )
+    return info.model_uri
+
+
+def load_retro_model(model_uri: str):
+    """A model logged by ``log_retro_model`` (e.g. ``runs:/<run_id>/model``) -> Retro in eval mode."""
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+
+
+def log_metrics_to_run(config: PlatformConfig, run_id: str, metrics: dict[str, float]) -> None:
+    """Log final metrics (e.g. ``eval_*``) into an existing run, in one batch."""
+    buffer = MetricBuffer(config.tracking_uri, run_id)
+    buffer.add(metrics, step=0)
+    buffer.flush()

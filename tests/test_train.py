@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,6 +17,7 @@ from retro_platform.db.store import ChunkStore
 from retro_platform.serve.pool import NeighborPool
 from retro_platform.serve.precompute import precompute_neighbors
 from retro_platform.tokenizer import load_tokenizer_file
+from retro_platform.tracking import load_retro_model
 from retro_platform.train.data import BatchLoader, SequenceSource, token_byte_lengths
 from retro_platform.train.trainer import run_training
 
@@ -43,13 +46,15 @@ def test_online_and_precomputed_give_same_neighbors_and_exclude_own_sequence(tra
     source = source_for(config)
     pool = NeighborPool.start(config)
     try:
-        online = BatchLoader(source, 4, 0, 1, 0, "online", pool, prefetch=2)
+        online = BatchLoader(source, 4, 0, 1, 0, "online", pool, prefetch=2, query_batches=3)
+        single = BatchLoader(source, 4, 0, 1, 0, "online", pool, prefetch=0, query_batches=1)
         pre = BatchLoader(source, 4, 0, 1, 0, "precomputed")
         for _ in range(5):
-            a, b = online.next_batch(), pre.next_batch()
+            a, b, c = online.next_batch(), pre.next_batch(), single.next_batch()
             np.testing.assert_array_equal(a.sequence_ids, b.sequence_ids)
             np.testing.assert_array_equal(a.neighbor_chunk_ids, b.neighbor_chunk_ids)
             np.testing.assert_array_equal(a.neighbors, b.neighbors)
+            np.testing.assert_array_equal(a.neighbors, c.neighbors)
             chunk_ids = source.chunk_ids(a.sequence_ids)
             for row, ids in zip(a.neighbor_chunk_ids, chunk_ids, strict=True):
                 own_docs = source.store.doc_ids(ids)
@@ -72,41 +77,65 @@ def test_ranks_read_disjoint_sequences_and_targets_are_shifted(train_db):
     assert (batch.loss_mask[batch.targets == 0] == 0).all() and batch.target_bytes > 0
 
 
-def test_ddp_training_loss_falls_logs_to_mlflow_and_checkpoint_reloads(train_db, tmp_path):
-    config = debug_config(
-        train_db.work_dir,
+def read_audit(log: str, rank: int) -> list[dict]:
+    """The audit records (sequences, neighbours) one rank wrote while training."""
+    return [json.loads(line) for line in Path(f"{log}.rank{rank}").read_text().splitlines() if line]
+
+
+def test_ddp_training_loss_falls_logs_to_mlflow_checkpoint_reloads_and_rerun_resumes(train_db, tmp_path):
+    overrides = [
         "train.name=ddp-retro",
-        "train.steps=30",
         "tracking.comparison=cmp1",
         f"train.storage_path={tmp_path / 'results'}",
-    )
+    ]
+    config = debug_config(train_db.work_dir, *overrides, "train.steps=30")
     log = str(tmp_path / "seen")
     out = run_training(config, worker_log=log)
     client = mlflow.MlflowClient(config.tracking_uri)
     run = client.get_run(out["run_id"])
     assert run.data.tags["model_kind"] == "retro" and run.data.tags["comparison"] == "cmp1"
     assert run.data.params["train.num_workers"] == "2"
+    assert run.data.params["db_id"] == ChunkStore(config.db_path).manifest["db_id"]
     history = [m.value for m in client.get_metric_history(out["run_id"], "train_loss")]
-    assert len(history) >= 25
+    assert len(history) == 30
     assert np.mean(history[-5:]) < np.mean(history[:5]) - 0.5, history
-    assert "valid_bpb_retrieval" in run.data.metrics and "valid_bpb_no_retrieval" in run.data.metrics
+    for name in ("valid_bpb_retrieval", "valid_bpb_no_retrieval", "tokens_per_s", "neighbor_wait_ms", "lr"):
+        assert name in run.data.metrics, name
     artifacts = [a.path for a in client.list_artifacts(out["run_id"], "checkpoint")]
-    assert "checkpoint/model.safetensors" in artifacts and "checkpoint/tokenizer.json" in artifacts
-    # each worker saw different sequences
-    from pathlib import Path
-
-    ranks = [{line for line in Path(f"{log}.rank{r}").read_text().split("\n") if line} for r in range(2)]
-    flat = [{int(x) for line in rk for x in line.split()} for rk in ranks]
-    assert flat[0] and flat[1] and not flat[0] & flat[1]
-    # the checkpoint rebuilds the model exactly
+    assert {"checkpoint/model.safetensors", "checkpoint/train_state.pt", "checkpoint/tokenizer.json"} <= set(
+        artifacts
+    )
+    # each worker saw different sequences; no neighbour came from a document of its own sequence
+    store = ChunkStore(config.db_path)
+    source = source_for(config)
+    audits = [read_audit(log, rank) for rank in range(2)]
+    seen = [{s for record in audit for s in record["sequences"]} for audit in audits]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    for record in audits[0] + audits[1]:
+        neighbors = np.array(record["neighbors"])  # (b, l, k)
+        assert (neighbors >= 0).all()
+        for seq, found in zip(record["sequences"], neighbors, strict=True):
+            own_docs = store.doc_ids(source.chunk_ids(np.array([seq]))[0])
+            assert not np.isin(store.doc_ids(found.reshape(-1)), own_docs).any()
+    # the checkpoint and the logged MLflow model rebuild the same model
     model, extra = load_model_dir(out["checkpoint"])
-    assert extra["step"] == 30
+    assert extra["step"] == 30 and extra["run_id"] == out["run_id"]
+    logged = load_retro_model(out["model_uri"])
     downloaded, _ = load_model_dir(
         client.download_artifacts(out["run_id"], "checkpoint", str(tmp_path / "dl"))
     )
     tokens = torch.randint(1, model.config.vocab_size, (1, 128))
     nbrs = torch.randint(1, model.config.vocab_size, (1, 2, 2, 128))
-    torch.testing.assert_close(model(tokens, nbrs)[0], downloaded(tokens, nbrs)[0], atol=0, rtol=0)
+    for other in (logged, downloaded, load_retro_model(f"runs:/{out['run_id']}/model")):
+        torch.testing.assert_close(model(tokens, nbrs)[0], other(tokens, nbrs)[0], atol=0, rtol=0)
+
+    # the same train.name again, with more steps: resumes at step 31 in the same MLflow run
+    more = run_training(debug_config(train_db.work_dir, *overrides, "train.steps=36"), worker_log=log)
+    assert more["run_id"] == out["run_id"]
+    steps = [m.step for m in client.get_metric_history(out["run_id"], "train_loss")]
+    assert steps == list(range(1, 37))
+    assert load_model_dir(more["checkpoint"])[1]["step"] == 36
+    assert client.get_run(out["run_id"]).data.tags["resumed_with_changes"] == "train.steps"
 
 
 def test_killed_worker_resumes_from_checkpoint_and_finishes(train_db, tmp_path):
@@ -152,10 +181,10 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(train_db, tmp_path):
     assert all(b > 1 and (b - 1) % 5 == 0 for b in restarts), steps
 
 
-def test_retro_and_baseline_share_an_experiment_and_are_told_apart(train_db, tmp_path):
+def test_retro_and_baseline_train_on_the_same_sequences_and_share_an_experiment(train_db, tmp_path):
     from retro_platform.evaluate import run_evaluation
 
-    runs = {}
+    audits = {}
     for kind, retrieval in (("retro", "true"), ("baseline", "false")):
         config = debug_config(
             train_db.work_dir,
@@ -165,14 +194,19 @@ def test_retro_and_baseline_share_an_experiment_and_are_told_apart(train_db, tmp
             "tracking.comparison=pair",
             f"train.storage_path={tmp_path / 'results'}",
             "train.eval_every=0",
+            "train.neighbor_mode=precomputed",
         )
-        runs[kind] = run_training(config)
+        log = str(tmp_path / f"seen-{kind}")
+        run_training(config, worker_log=log)
+        audits[kind] = [[r["sequences"] for r in read_audit(log, rank)] for rank in range(2)]
         metrics = run_evaluation(config)
-        assert ("valid_bpb_retrieval" in metrics) == (kind == "retro") and metrics[
-            "valid_bpb_no_retrieval"
-        ] > 0
+        assert ("valid_bpb_retrieval" in metrics) == (kind == "retro")
+        assert metrics["valid_bpb_no_retrieval"] > 0
+    assert audits["retro"] == audits["baseline"]  # same sequences, same order, same ranks
     client = mlflow.MlflowClient(config.tracking_uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     found = client.search_runs([experiment.experiment_id], "tags.comparison = 'pair'")
-    assert {r.data.tags["model_kind"] for r in found} == {"retro", "baseline"}
+    assert sorted(r.data.tags["model_kind"] for r in found) == ["baseline", "retro"]
     assert all("eval_valid_bpb_no_retrieval" in r.data.metrics for r in found)
+    retro = next(r for r in found if r.data.tags["model_kind"] == "retro")
+    assert "eval_valid_bpb_retrieval" in retro.data.metrics

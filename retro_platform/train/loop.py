@@ -1,15 +1,18 @@
 """``train_loop_per_worker``: what every Ray Train worker runs.
 
 DDP through ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU), AdamW with decay groups,
-linear warmup + cosine decay, gradient accumulation and clipping, bf16 autocast on GPU, periodic
-validation (loss and bits-per-byte with and without retrieval), a progress line every ``log_every``
-steps, and checkpoints (model + optimizer + schedule + step + data position + config) through
-``ray.train.report``. Side effects (MLflow metrics, logs) happen on rank 0 only.
+linear warmup + cosine decay (a ``LambdaLR``), gradient accumulation (``no_sync`` on all but the last
+micro-step) and clipping, bf16 autocast on GPU, periodic validation (loss and bits-per-byte with and
+without retrieval), a progress line every ``log_every`` steps, and checkpoints (model in safetensors;
+optimizer + scheduler + step + data position + config in ``train_state.pt``) through
+``ray.train.report``. A restarted worker group (a crashed worker, or the same ``train.name`` run again)
+resumes from ``ray.train.get_checkpoint()``. Side effects (MLflow metrics, log lines) on rank 0 only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -20,12 +23,13 @@ from typing import Any
 
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from retro_model.checkpoint import load_model_dir, save_model_dir
-from retro_model.config import RetroConfig
 from retro_model.model import Retro
-from retro_platform.config import PlatformConfig
+from retro_platform.config import PlatformConfig, TrainConfig
 from retro_platform.db.store import ChunkStore
 from retro_platform.tokenizer import load_tokenizer_file
 from retro_platform.train.data import (
@@ -39,15 +43,24 @@ from retro_platform.train.data import (
 logger = logging.getLogger("retro.train")
 
 STATE_FILE = "train_state.pt"
-"""Optimizer, scheduler, step and data position inside a checkpoint directory."""
+"""Optimizer, scheduler, step, data position and config inside a checkpoint directory."""
 
 
-def lr_at(step: int, config) -> float:
-    """Learning rate after ``step`` optimizer steps: linear warmup, then cosine to min_lr."""
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(
+    model: Retro, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the model's decay / no-decay groups and the warmup + cosine schedule."""
+    optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config) / config.lr)
+    return optimizer, scheduler
 
 
 def to_tensors(batch, device: torch.device) -> dict[str, torch.Tensor | None]:
@@ -70,18 +83,21 @@ def evaluate_model(
     device: torch.device,
     amp: bool,
 ) -> dict[str, float]:
-    """Valid loss / bits-per-byte with retrieval (when the model has it) and with retrieval off."""
+    """Valid loss / bits-per-byte with retrieval (when the model has it and ``mode`` is set) and off.
+
+    -> ``valid_loss_retrieval``, ``valid_bpb_retrieval`` (RETRO only), ``valid_loss_no_retrieval``,
+    ``valid_bpb_no_retrieval``; losses are token-weighted means in nats.
+    """
+    was_training = model.training
     model.eval()
     results: dict[str, float] = {}
     settings = [("no_retrieval", None)]
     if model.config.retrieval and mode is not None:
         settings.insert(0, ("retrieval", mode))
-    for label, setting_mode in settings:
+    for label, setting in settings:
         loss_sum = tokens = nbytes = 0.0
         for sequence_ids in batches:
-            loader = BatchLoader(source, len(sequence_ids), 0, 1, 0, setting_mode, pool, prefetch=1)
-            loader._sequences = lambda _n, ids=sequence_ids: ids  # evaluate exactly these sequences
-            batch = loader.next_batch()
+            batch = source.batch(sequence_ids, setting, pool)
             t = to_tensors(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 _, loss = model(t["tokens"], t["neighbors"], targets=t["targets"], loss_mask=t["loss_mask"])
@@ -91,18 +107,45 @@ def evaluate_model(
             nbytes += batch.target_bytes
         results[f"valid_loss_{label}"] = loss_sum / max(1, tokens)
         results[f"valid_bpb_{label}"] = bits_per_byte(loss_sum, int(nbytes))
-    model.train()
+    model.train(was_training)
     return results
 
 
-def _save(directory: Path, model, optimizer, step: int, position: int, config: dict) -> None:
-    save_model_dir(
-        directory, model, extra={"step": step, "db_id": config.get("db_id"), "run_id": config.get("run_id")}
-    )
+def save_training_state(
+    directory: Path,
+    model: Retro,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    step: int,
+    position: int,
+    config: dict[str, Any],
+    extra: dict[str, Any],
+) -> None:
+    """Write a checkpoint: model.safetensors (weights, RetroConfig, ``extra``) + train_state.pt."""
+    save_model_dir(directory, model, extra={**extra, "step": step})
     torch.save(
-        {"optimizer": optimizer.state_dict(), "step": step, "data_position": position, "config": config},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "data_position": position,
+            "config": config,
+        },
         directory / STATE_FILE,
     )
+
+
+def load_training_state(
+    directory: str | Path, optimizer: torch.optim.Optimizer, scheduler
+) -> tuple[int, int]:
+    """Restore optimizer and scheduler from a checkpoint (``weights_only``: no code runs) -> (step, position).
+
+    The model weights are loaded separately, before DDP wraps the model.
+    """
+    state = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), int(state["data_position"])
 
 
 def _progress_logging() -> None:
@@ -115,168 +158,186 @@ def _progress_logging() -> None:
         logger.propagate = False
 
 
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    """Mean of a scalar over the DDP ranks (gloo has no AVG: sum, then divide)."""
+    if world > 1 and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world
+    return float(value)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_config``: config (PlatformConfig dict), pool, run_id, db_id."""
+    """Ray Train entry point.
+
+    ``loop_config``: ``config`` (PlatformConfig dict; model already matched to the database), ``pool``
+    (NeighborPool for online neighbours, else None), ``run_id`` and ``tracking_uri`` (the MLflow run the
+    driver opened), ``db_id``, ``tokenizer_sha256``, and optionally ``worker_log`` (a path prefix where
+    each rank appends the sequence ids it trained on).
+    """
     config = PlatformConfig.from_dict(loop_config["config"])
     train_cfg = config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     _progress_logging()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
+    torch.set_num_threads(max(1, math.ceil(train_cfg.cpus_per_worker)))
     amp = train_cfg.amp == "bf16" or (train_cfg.amp == "auto" and device.type == "cuda")
 
     store = ChunkStore(config.db_path)
-    tokenizer = load_tokenizer_file(store.layout.tokenizer)
-    token_bytes = token_byte_lengths(tokenizer)
-    model_cfg: RetroConfig = config.model
+    token_bytes = token_byte_lengths(load_tokenizer_file(store.layout.tokenizer))
+    model_cfg = config.model
     mode = train_cfg.neighbor_mode if model_cfg.retrieval else None
     pool = loop_config.get("pool")
 
     torch.manual_seed(train_cfg.seed)
     model = Retro(model_cfg)
-    optimizer = torch.optim.AdamW(
-        model.param_groups(train_cfg.weight_decay), lr=train_cfg.lr, betas=(0.9, 0.95)
-    )
-    step = position = 0
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = loop_config.get("resume_from")
-    if checkpoint is not None or resume_dir:
-        with (
-            checkpoint.as_directory()
-            if checkpoint is not None
-            else contextlib.nullcontext(resume_dir) as directory
-        ):
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
             restored, _ = load_model_dir(directory)
             model.load_state_dict(restored.state_dict())
-            state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            step, position = int(state["step"]), int(state["data_position"])
-        if rank == 0:
-            logger.info("resumed from step %d", step)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model)  # DDP; moves the model to the worker's device
     raw_model: Retro = model.module if hasattr(model, "module") else model
+    optimizer, scheduler = build_optimizer(raw_model, train_cfg)
+    step = position = 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step, position = load_training_state(directory, optimizer, scheduler)
+        if rank == 0:
+            logger.info("resumed from the checkpoint of step %d (data position %d)", step, position)
 
-    train_source = SequenceSource(store, "train", train_cfg.seq_len, model_cfg.num_neighbors, token_bytes)
     loader = BatchLoader(
-        train_source,
+        SequenceSource(store, "train", train_cfg.seq_len, model_cfg.num_neighbors, token_bytes),
         train_cfg.batch_size,
         rank,
         world,
         train_cfg.seed,
         mode,
         pool,
-        train_cfg.prefetch_batches,
+        prefetch=train_cfg.prefetch_batches,
         start_batch=position,
+        query_batches=train_cfg.query_batches,
     )
     valid_source = eval_batches = None
-    if store.split_range("valid")[1] > store.split_range("valid")[0]:
+    if rank == 0 and store.split_range("valid")[1] > store.split_range("valid")[0]:
         try:
             valid_source = SequenceSource(
                 store, "valid", train_cfg.seq_len, model_cfg.num_neighbors, token_bytes
             )
             eval_batches = evaluation_batches(valid_source, train_cfg.batch_size, train_cfg.eval_batches)
-        except Exception as exc:  # a tiny valid split: train without validation, say so
+        except Exception as exc:  # a tiny valid split: train without validation, and say so
             logger.warning("no validation: %s", exc)
 
-    mlflow_run = None
+    metrics_out = None
     if rank == 0 and loop_config.get("run_id"):
-        import mlflow
+        from retro_platform.tracking import MetricBuffer
 
-        mlflow.set_tracking_uri(loop_config["tracking_uri"])
-        mlflow_run = mlflow.start_run(run_id=loop_config["run_id"])
+        metrics_out = MetricBuffer(loop_config["tracking_uri"], loop_config["run_id"])
+    checkpoint_extra = {
+        "db_id": loop_config.get("db_id"),
+        "run_id": loop_config.get("run_id"),
+        "tokenizer_sha256": loop_config.get("tokenizer_sha256"),
+        "train_name": train_cfg.name,
+    }
 
-    seen_log = []
-    tokens_done = 0
-    wait_total = 0.0
-    t_last = time.perf_counter()
+    seen: list[dict[str, list]] = []
+    window_tokens, window_wait, window_batches = 0, 0.0, 0
+    window_start = time.perf_counter()
     model.train()
     while step < train_cfg.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, train_cfg)
-        loss_total = 0.0
-        for _ in range(train_cfg.grad_accum):
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(train_cfg.grad_accum):
             batch = loader.next_batch()
-            seen_log.append(batch.sequence_ids.tolist())
-            wait_total += batch.neighbor_wait
+            if loop_config.get("worker_log"):
+                seen.append(_audit_record(batch))
+            window_wait += batch.neighbor_wait
+            window_batches += 1
+            window_tokens += batch.tokens.size
             t = to_tensors(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                _, loss = model(t["tokens"], t["neighbors"], targets=t["targets"], loss_mask=t["loss_mask"])
-            (loss / train_cfg.grad_accum).backward()
-            loss_total += float(loss) / train_cfg.grad_accum
-            tokens_done += batch.tokens.size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))
+            last_micro = micro == train_cfg.grad_accum - 1
+            sync = (
+                model.no_sync() if not last_micro and hasattr(model, "no_sync") else contextlib.nullcontext()
+            )
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    _, loss = model(
+                        t["tokens"], t["neighbors"], targets=t["targets"], loss_mask=t["loss_mask"]
+                    )
+                (loss / train_cfg.grad_accum).backward()
+            loss_sum += loss.detach() / train_cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or math.inf)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        metrics: dict[str, float] = {"step": step, "train_loss": loss_total}
-        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-            elapsed = time.perf_counter() - t_last
+        metrics: dict[str, float] = {"step": step, "train_loss": _mean_over_ranks(loss_sum, world), "lr": lr}
+        last = step == train_cfg.steps
+        if step % train_cfg.log_every == 0 or last:
+            elapsed = time.perf_counter() - window_start
             metrics.update(
-                tokens_per_s=tokens_done * world / elapsed,
-                lr=optimizer.param_groups[0]["lr"],
+                tokens_per_s=window_tokens * world / elapsed,
                 grad_norm=float(grad_norm),
-                neighbor_wait_ms=1000 * wait_total / max(1, tokens_done / batch.tokens.size),
+                neighbor_wait_ms=1000 * window_wait / max(1, window_batches),
             )
             if rank == 0:
                 logger.info(
-                    "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  neighbour wait %.1f ms/batch",
+                    "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  neighbour wait %.2f ms/batch",
                     step,
                     train_cfg.steps,
-                    loss_total,
-                    metrics["lr"],
+                    metrics["train_loss"],
+                    lr,
                     metrics["tokens_per_s"],
                     metrics["neighbor_wait_ms"],
                 )
-            tokens_done, wait_total, t_last = 0, 0.0, time.perf_counter()
-        last = step == train_cfg.steps
-        if (
-            eval_batches
-            and rank == 0
-            and ((train_cfg.eval_every and step % train_cfg.eval_every == 0) or last)
-        ):
+            window_tokens, window_wait, window_batches = 0, 0.0, 0
+            window_start = time.perf_counter()
+        if eval_batches and ((train_cfg.eval_every and step % train_cfg.eval_every == 0) or last):
             metrics.update(evaluate_model(raw_model, valid_source, eval_batches, pool, mode, device, amp))
             logger.info(
                 "step %d validation: %s",
                 step,
                 {k: round(v, 4) for k, v in metrics.items() if k.startswith("valid")},
             )
-        if mlflow_run is not None:
-            import mlflow
-
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "step"}, step=step)
+        if metrics_out is not None:
+            metrics_out.add({k: v for k, v in metrics.items() if k != "step"}, step)
+            if step % train_cfg.log_every == 0 or last:
+                metrics_out.flush()
         if step % train_cfg.checkpoint_every == 0 or last:
+            if metrics_out is not None:
+                metrics_out.flush()
+            if loop_config.get("worker_log"):
+                _append_seen(loop_config["worker_log"], rank, seen)
+                seen = []
             with tempfile.TemporaryDirectory() as tmp:
-                directory = Path(tmp)
                 if rank == 0:
-                    _save(
-                        directory,
+                    save_training_state(
+                        Path(tmp),
                         raw_model,
                         optimizer,
+                        scheduler,
                         step,
                         loader.position,
-                        {
-                            **config.to_dict(),
-                            "db_id": loop_config.get("db_id"),
-                            "run_id": loop_config.get("run_id"),
-                        },
+                        config.to_dict(),
+                        checkpoint_extra,
                     )
-                if loop_config.get("worker_log"):
-                    _append_seen(loop_config["worker_log"], rank, seen_log)
-                    seen_log = []
+                # every rank reports (Train v2 waits for all); only rank 0 uploads the checkpoint
                 ray.train.report(
                     metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
                 )
-        elif step % train_cfg.log_every == 0:
-            ray.train.report(metrics)
-    if mlflow_run is not None:
-        import mlflow
-
-        mlflow.end_run()
+    if metrics_out is not None:
+        metrics_out.flush()
 
 
-def _append_seen(path: str, rank: int, sequences: list[list[int]]) -> None:
-    """Record which sequences a rank trained on (for tests and audits)."""
+def _audit_record(batch) -> dict[str, list]:
+    """What a batch trained on: its sequence ids and its neighbours' chunk ids [b, l, k] (if any)."""
+    neighbors = None if batch.neighbor_chunk_ids is None else batch.neighbor_chunk_ids.tolist()
+    return {"sequences": batch.sequence_ids.tolist(), "neighbors": neighbors}
+
+
+def _append_seen(path: str, rank: int, records: list[dict[str, list]]) -> None:
+    """Append a rank's audit records to ``<path>.rank<rank>`` as JSON lines (for tests and audits)."""
     with open(f"{path}.rank{rank}", "a") as f:
-        for ids in sequences:
-            f.write(" ".join(map(str, ids)) + os.linesep)
+        for record in records:
+            f.write(json.dumps(record) + os.linesep)

@@ -1,9 +1,15 @@
 """`retro train`: build the TorchTrainer from config, run it, record everything in MLflow.
 
-The driver checks the database against the model (chunk length; vocabulary and pad id come from the
-database's tokenizer), starts the neighbour pool for online retrieval, opens the MLflow run, and hands
-workers the pool (picklable actor handles) and the run id. Re-running with the same ``train.name``
-resumes from the newest checkpoint under ``<storage_path>/<name>``.
+The driver checks the database against the model (the chunk length must match; vocabulary size and pad
+id come from the database's tokenizer), starts the neighbour pool for online retrieval, opens the MLflow
+run, and hands the workers the pool (picklable actor handles) and the run id. After training it logs the
+final checkpoint, the tokenizer and the model (loadable with ``tracking.load_retro_model``).
+
+Resuming: Ray Train v2 keeps a snapshot of the reported checkpoints under ``<storage_path>/<name>``; a
+new ``TorchTrainer`` with the same ``RunConfig(storage_path, name)`` loads it, and every worker gets the
+newest checkpoint from ``ray.train.get_checkpoint()``. So re-running ``retro train`` with the same
+``train.name`` continues from the last checkpoint (step counter, optimizer, schedule, data position),
+in the same MLflow run; a crashed worker is handled the same way inside one run (``max_failures``).
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from retro_model.checkpoint import WEIGHTS_FILE, read_checkpoint_metadata
 from retro_platform import tracking
 from retro_platform.config import PlatformConfig
 from retro_platform.db.manifest import validate_database
+from retro_platform.errors import CheckpointError, DatabaseError
 from retro_platform.ray_utils import init_ray, runtime_env_vars
 from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.loop import STATE_FILE, train_loop_per_worker
@@ -30,48 +38,83 @@ logger = logging.getLogger(__name__)
 def model_for_database(config: PlatformConfig, manifest: dict[str, Any]) -> PlatformConfig:
     """Config whose model matches the database: vocab size and pad id from its tokenizer; chunk length checked."""
     if config.model.chunk_len != manifest["chunk_len"]:
-        from retro_platform.errors import DatabaseError
-
         raise DatabaseError(
-            f"model.chunk_len={config.model.chunk_len} but the database was built with chunk_len="
-            f"{manifest['chunk_len']}; set model.chunk_len and database.chunk_len to {manifest['chunk_len']}"
+            f"model.chunk_len={config.model.chunk_len} but the database {config.db_path} was built with "
+            f"chunk_len={manifest['chunk_len']}; set model.chunk_len and database.chunk_len to "
+            f"{manifest['chunk_len']} (or build a database with chunk_len={config.model.chunk_len})"
         )
     tok = manifest["tokenizer"]
     model = dataclasses.replace(config.model, vocab_size=tok["vocab_size"], pad_id=tok["pad_id"])
     return dataclasses.replace(config, model=model)
 
 
-def latest_checkpoint(storage: Path, name: str) -> Path | None:
-    """Newest checkpoint directory (with training state) of a run, if any."""
+def latest_checkpoint(storage: Path | str, name: str) -> Path | None:
+    """The checkpoint with the highest step under ``<storage>/<name>`` (local storage only), if any."""
+    if isinstance(storage, str) and "://" in storage:
+        return None
     run_dir = Path(storage) / name
     if not run_dir.exists():
         return None
-    candidates = [p.parent for p in run_dir.rglob(STATE_FILE)]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    found = []
+    for weights in run_dir.rglob(WEIGHTS_FILE):
+        if not (weights.parent / STATE_FILE).exists():
+            continue
+        try:
+            _, extra = read_checkpoint_metadata(weights)
+        except (ValueError, FileNotFoundError):
+            continue  # a checkpoint being written or deleted
+        found.append((int(extra.get("step", 0)), weights.stat().st_mtime, weights.parent))
+    return max(found)[2] if found else None
+
+
+def check_resumable(config: PlatformConfig, checkpoint: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Refuse to resume a checkpoint of another model or tokenizer -> its metadata."""
+    model_cfg, extra = read_checkpoint_metadata(checkpoint / WEIGHTS_FILE)
+    if model_cfg != config.model:
+        mine, theirs = config.model.to_dict(), model_cfg.to_dict()
+        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+        raise CheckpointError(
+            f"train.name={config.train.name!r} already has a checkpoint ({checkpoint}) of a different model "
+            f"(checkpoint vs config: {diff}); use a new train.name, or delete {checkpoint.parent} to start over"
+        )
+    sha = extra.get("tokenizer_sha256")
+    if sha and sha != manifest["tokenizer"]["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was trained with another tokenizer than the one of {config.db_path}; "
+            "train on the database it was trained with, or use a new train.name"
+        )
+    return extra
 
 
 def run_training(
     config: PlatformConfig, pool: NeighborPool | None = None, worker_log: str | None = None
 ) -> dict[str, Any]:
-    """Train on Ray Train -> {run_id, checkpoint, metrics}."""
+    """Train on Ray Train -> {run_id, checkpoint (path), model_uri, metrics (last report), config}.
+
+    ``pool`` reuses a running NeighborPool (else one is started for online neighbours and stopped after);
+    ``worker_log`` makes every rank append the sequence ids it trained on to ``<worker_log>.rank<r>``.
+    """
     started = init_ray(config)
     own_pool = False
     try:
         manifest = validate_database(config.db_path, expect={"chunk_len": config.database.chunk_len})
         config = model_for_database(config, manifest)
-        retrieval = config.model.retrieval
-        if retrieval and config.train.neighbor_mode == "online" and pool is None:
-            pool, own_pool = NeighborPool.start(config, manifest), True
         storage = config.storage_path
-        resume_from = latest_checkpoint(storage, config.train.name) if not isinstance(storage, str) else None
-        kind = "retro" if retrieval else "baseline"
-        with tracking.start_run(
-            config, stage="train", run_name=config.tracking.run_name or config.train.name
-        ) as run:
-            tracking.log_params(config.flatten())
-            tracking.set_tags(
-                {"model_kind": kind, "db_id": manifest["db_id"], "neighbor_mode": config.train.neighbor_mode}
+        previous = latest_checkpoint(storage, config.train.name)
+        resume_run_id = None
+        if previous is not None:
+            extra = check_resumable(config, previous, manifest)
+            resume_run_id = extra.get("run_id")
+            logger.info(
+                "%s: resuming from the checkpoint of step %s (%s)",
+                config.train.name,
+                extra.get("step"),
+                previous,
             )
+        online = config.model.retrieval and config.train.neighbor_mode == "online"
+        if online and pool is None:
+            pool, own_pool = NeighborPool.start(config, manifest), True
+        with tracking.training_run(config, manifest, resume_run_id) as run:
             resources = {"CPU": config.train.cpus_per_worker}
             if config.ray.train_resource:
                 resources[config.ray.train_resource] = 1
@@ -79,11 +122,11 @@ def run_training(
                 train_loop_per_worker,
                 train_loop_config={
                     "config": config.to_dict(),
-                    "pool": pool if retrieval and config.train.neighbor_mode == "online" else None,
+                    "pool": pool if online else None,
                     "run_id": run.info.run_id,
                     "tracking_uri": config.tracking_uri,
                     "db_id": manifest["db_id"],
-                    "resume_from": str(resume_from) if resume_from else None,
+                    "tokenizer_sha256": manifest["tokenizer"]["sha256"],
                     "worker_log": worker_log,
                 },
                 scaling_config=ScalingConfig(
@@ -99,17 +142,17 @@ def run_training(
                     worker_runtime_env={"env_vars": runtime_env_vars()},
                 ),
             )
-            if resume_from:
-                logger.info("resuming %s from %s", config.train.name, resume_from)
             result = trainer.fit()
-            checkpoint_dir = None
-            if result.checkpoint is not None:
-                checkpoint_dir = result.checkpoint.path
-                tracking.log_artifact(checkpoint_dir, "checkpoint")
-                tracking.log_artifact(Path(config.db_path) / "tokenizer.json", "checkpoint")
+            if result.checkpoint is None:
+                raise CheckpointError(f"training run {config.train.name!r} ended without a checkpoint")
+            with result.checkpoint.as_directory() as directory:
+                tracking.log_checkpoint(directory, Path(config.db_path) / "tokenizer.json")
+                model_uri = tracking.log_retro_model(directory, Path(config.db_path) / "tokenizer.json")
+            logger.info("run %s: checkpoint %s, model %s", run.info.run_id, result.checkpoint.path, model_uri)
             return {
                 "run_id": run.info.run_id,
-                "checkpoint": checkpoint_dir,
+                "checkpoint": result.checkpoint.path,
+                "model_uri": model_uri,
                 "metrics": result.metrics,
                 "config": config,
             }
