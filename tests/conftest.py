@@ -1,7 +1,15 @@
 """Shared fixtures: one local Ray for the session and a small real database built once.
 
-Ray starts with explicit CPUs, a bounded object store and no dashboard, on its own temp folder, and
-only this Ray is shut down at the end (never `ray stop`, which would kill other Ray processes).
+* ``ray_session``: a local Ray (``address="local"``: never joins another engineer's cluster) with 2
+  CPUs, a 1 GB object store and no dashboard, shared by every test of the session and shut down at
+  the end. Only this Ray is stopped (never `ray stop`, which kills every Ray process of the machine).
+  Remember that actors and Ray Data pools must leave CPU for tasks: on 2 CPUs use fractional
+  ``num_cpus`` (see STACK-NOTES).
+* ``debug_db``: ``(config, manifest)`` of the ``debug`` preset's database, built once per session
+  into a temporary work dir (300 real Wikipedia summaries, vocab 1024, 2 train shards + 1 valid
+  shard, Flat index, MLflow run in ``<work_dir>/mlflow.db``). Treat it as read-only: copy
+  ``config.db_path`` into ``tmp_path`` before re-building or damaging it.
+* ``debug_config(work_dir, *overrides)``: the debug preset with everything under ``work_dir``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Database build on real Ray, the real encoder, real FAISS and real Parquet."""
+"""Database build on real Ray, the real encoder, real FAISS and real Parquet.
+
+Most tests read the session's debug database (``debug_db``: 300 real Wikipedia summaries, 2 train
+shards + 1 valid shard, Flat). Tests that re-run or damage a build work on a copy of it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import shutil
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import debug_config
@@ -14,17 +19,28 @@ from conftest import debug_config
 from retro_platform.corpus import load_documents
 from retro_platform.db.build import build_database
 from retro_platform.db.embed import Embedder
+from retro_platform.db.index import choose_factory, train_index
 from retro_platform.db.layout import DatabaseLayout
-from retro_platform.db.manifest import validate_database
+from retro_platform.db.manifest import load_manifest, validate_database
 from retro_platform.errors import CorpusError, DatabaseError
-from retro_platform.tokenizer import load_tokenizer_file
+from retro_platform.tokenizer import load_tokenizer
 
 
-def all_chunks(layout: DatabaseLayout, manifest, split: str):
+def split_rows(layout: DatabaseLayout, manifest, split: str) -> list[dict]:
     tables = [pq.read_table(layout.chunks(split, s["shard"])) for s in manifest["splits"][split]]
-    import pyarrow as pa
-
     return pa.concat_tables(tables).to_pylist()
+
+
+def mtimes(root) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def copy_db(debug_db, tmp_path):
+    """A config whose database is a copy of the session's debug database."""
+    config, _ = debug_db
+    work = tmp_path / "work"
+    shutil.copytree(config.db_path, work / "db")
+    return debug_config(work)
 
 
 def test_counts_ids_and_chunk_contents(debug_db):
@@ -34,94 +50,175 @@ def test_counts_ids_and_chunk_contents(debug_db):
     counts = manifest["counts"]
     assert counts["documents"] == {"train": len(corpus.train), "valid": len(corpus.valid)}
     assert counts["documents"]["train"] + counts["documents"]["valid"] == 300
-    tokenizer = load_tokenizer_file(layout.tokenizer)
-    m = manifest["chunk_len"]
-    expected_chunk = 0
+    assert len(manifest["splits"]["train"]) == 2 and len(manifest["index"]["shards"]) == 2
+    tokenizer = load_tokenizer(config.db_path)
+    m, pad = manifest["chunk_len"], manifest["tokenizer"]["pad_id"]
+    next_chunk = next_doc = 0
     for split, docs in (("train", corpus.train), ("valid", corpus.valid)):
-        rows = all_chunks(layout, manifest, split)
+        rows = split_rows(layout, manifest, split)
         assert len(rows) == counts["chunks"][split]
-        ids = [r["chunk_id"] for r in rows]
-        assert ids == list(range(expected_chunk, expected_chunk + len(rows)))  # contiguous, global
-        expected_chunk += len(rows)
+        assert [r["chunk_id"] for r in rows] == list(range(next_chunk, next_chunk + len(rows)))
+        next_chunk += len(rows)
         by_doc: dict[int, list[dict]] = {}
         for r in rows:
             assert len(r["tokens"]) == m and 1 <= r["n_tokens"] <= m
-            assert all(t == manifest["tokenizer"]["pad_id"] for t in r["tokens"][r["n_tokens"] :])
+            assert all(t == pad for t in r["tokens"][r["n_tokens"] :])  # padded and marked by n_tokens
             by_doc.setdefault(r["doc_id"], []).append(r)
-        assert len(by_doc) == len(docs)
+        assert sorted(by_doc) == list(range(next_doc, next_doc + len(docs)))  # doc ids contiguous
+        next_doc += len(docs)
         for doc, (_, chunks) in zip(docs, sorted(by_doc.items()), strict=True):
             assert [c["position"] for c in chunks] == list(range(len(chunks)))
             assert {c["doc_key"] for c in chunks} == {doc["id"]}  # no chunk spans two documents
-            assert all(c["n_tokens"] == m for c in chunks[:-1])  # only the last chunk is padded
+            assert all(c["n_tokens"] == m for c in chunks[:-1])  # only a document's last chunk is padded
             ids = [t for c in chunks for t in c["tokens"][: c["n_tokens"]]]
-            assert tokenizer.decode(ids) == doc["text"]  # decoded chunks give back the document
-    assert 0 < counts["padding_fraction"] < 0.5
+            assert ids[-1] == manifest["tokenizer"]["eod_id"]
+            assert tokenizer.decode(ids[:-1]) == doc["text"]  # the chunks give back the document
+            assert tokenizer.decode(chunks[0]["tokens"][: chunks[0]["n_tokens"]]) == chunks[0]["text"]
+    # shards are contiguous ranges of documents and chunks
+    for split in ("train", "valid"):
+        shards = manifest["splits"][split]
+        for a, b in zip(shards, shards[1:], strict=False):
+            assert a["doc_end"] == b["doc_start"] and a["chunk_end"] == b["chunk_start"]
+    assert 0 < counts["padding_fraction"] < 0.5 and counts["documents_empty"] == 0
 
 
-def test_embeddings_equal_encoder_output_and_chunks_find_themselves(debug_db):
+def test_embeddings_are_the_encoders_output_and_chunks_find_themselves(debug_db):
     config, manifest = debug_db
     layout = DatabaseLayout(config.db_path)
     shard = manifest["index"]["shards"][1]
-    rows = pq.read_table(layout.chunks("train", shard["split_shard"])).to_pylist()
+    path = layout.chunks("train", shard["split_shard"])
     stored = np.load(layout.embeddings("train", shard["split_shard"]))
-    sample = list(range(0, len(rows), max(1, len(rows) // 16)))
-    embed = config.database.embed
-    direct = Embedder(embed.model, embed.compute_dtype, out_dtype="float32").encode(
-        [rows[i]["text"] for i in sample]
-    )
-    cos = np.sum(direct * stored[sample].astype(np.float32), axis=1)
-    # bf16 encoder weights: results move slightly with the padding of the batch a text lands in
-    tolerance = 0.99 if embed.compute_dtype != "float32" else 0.999
-    assert cos.min() > tolerance, cos.min()
+    assert stored.dtype == np.float16 and stored.shape[1] == manifest["encoder"]["dim"] == 384
     np.testing.assert_allclose(np.linalg.norm(stored.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    # the build embeds one Parquet row group per encode call: the same call here gives the same bytes
+    embedder = Embedder.from_manifest(manifest)
+    texts = pq.ParquetFile(path).read_row_group(0, columns=["text"]).column("text").to_pylist()
+    assert np.array_equal(embedder.encode(texts), stored[: len(texts)])
+    # and any other batching agrees to bf16 precision
+    loose = Embedder.from_manifest(manifest, out_dtype="float32").encode(texts[:7])
+    assert np.sum(loose * stored[:7].astype(np.float32), axis=1).min() > 0.99
+
+    rows = pq.read_table(path, columns=["text", "tokens"]).to_pylist()
     index = faiss.read_index(str(layout.index(shard["shard"])))
-    assert index.ntotal == len(rows)
+    assert index.ntotal == len(rows) == shard["n_vectors"]
     _, found = index.search(stored.astype(np.float32), 1)
-    duplicates = {i for i, r in enumerate(rows) if sum(x["text"] == r["text"] for x in rows) > 1}
-    own = [found[i, 0] == i for i in range(len(rows)) if i not in duplicates]
-    assert np.mean(own) == 1.0
+    texts = [r["text"] for r in rows]
+    unique = [i for i, t in enumerate(texts) if texts.count(t) == 1]
+    assert all(found[i, 0] == i for i in unique)  # every chunk is its own nearest neighbour
     tokens = np.load(layout.shard_tokens(shard["shard"]), mmap_mode="r")
     assert tokens.shape == (len(rows), manifest["chunk_len"]) and tokens.dtype == np.int32
     assert tokens[5].tolist() == rows[5]["tokens"]
+    doc_ids = np.load(layout.shard_doc_ids(shard["shard"]))
+    assert doc_ids[0] == shard["doc_start"] and doc_ids[-1] == shard["doc_end"] - 1
 
 
-def test_validate_refuses_mismatch_and_corruption(debug_db, tmp_path):
+def test_manifest_records_what_later_stages_need(debug_db):
     config, manifest = debug_db
-    validate_database(config.db_path, expect={"chunk_len": 64, "encoder": "all-MiniLM-L6-v2"})
-    with pytest.raises(DatabaseError, match="chunk_len=64"):
+    on_disk = load_manifest(config.db_path)
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["status"] == "complete" and len(on_disk["db_id"]) == 16
+    assert on_disk["encoder"]["name"] == "all-MiniLM-L6-v2" and on_disk["index"]["factory"] == "Flat"
+    assert on_disk["config"]["chunk_len"] == 64
+    files = on_disk["files"]
+    assert (
+        "tokenizer.json" in files
+        and "index/shard-0001.faiss" in files
+        and "chunks/valid/shard-0000.parquet" in files
+    )
+    assert all(len(v) == 64 for v in files.values())
+    assert "index/shard-0002.faiss" not in files  # the valid split is embedded but not indexed
+    assert "embeddings/valid/shard-0000.npy" in files
+    validate_database(config.db_path, expect={"chunk_len": 64, "encoder": "all-MiniLM-L6-v2", "dim": 384})
+
+
+def test_validate_refuses_mismatch_corruption_and_partial_builds(debug_db, tmp_path):
+    config, manifest = debug_db
+    with pytest.raises(DatabaseError, match="chunk_len=64 but 32 is expected"):
         validate_database(config.db_path, expect={"chunk_len": 32}, check_files=False)
+    with pytest.raises(DatabaseError, match="tokenizer_sha256"):
+        validate_database(config.db_path, expect={"tokenizer_sha256": "0" * 64}, check_files=False)
+    with pytest.raises(ValueError, match="unknown expectation"):
+        validate_database(config.db_path, expect={"chunk_length": 64})
     copy = tmp_path / "db"
     shutil.copytree(config.db_path, copy)
     target = copy / "index" / "shard-0001.faiss"
     target.write_bytes(target.read_bytes()[:100])  # truncated index shard
-    with pytest.raises(DatabaseError, match="shard-0001.faiss"):
+    with pytest.raises(DatabaseError, match=r"index/shard-0001\.faiss does not match its checksum"):
+        validate_database(copy)
+    (copy / "chunks" / "train" / "shard-0000.parquet").unlink()
+    with pytest.raises(DatabaseError, match=r"chunks/train/shard-0000\.parquet is missing"):
+        validate_database(copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**data, "status": "building"}))
+    with pytest.raises(DatabaseError, match="only partly built"):
+        validate_database(copy)
+    (copy / "manifest.json").write_text('{"format_version": 1, "sta')
+    with pytest.raises(DatabaseError, match=r"manifest\.json is corrupt"):
         validate_database(copy)
     with pytest.raises(DatabaseError, match="does not exist"):
         validate_database(tmp_path / "nothing")
 
 
-def test_rerun_is_a_no_op_and_one_deleted_shard_is_rebuilt_alone(debug_db, tmp_path):
-    config, manifest = debug_db
-    work = tmp_path / "work"
-    shutil.copytree(config.db_path, work / "db")
-    copy_config = debug_config(work)
-    again = build_database(copy_config)
-    assert again["files"] == manifest["files"]  # same checksums: nothing changed
-    layout = DatabaseLayout(copy_config.db_path)
-    before = {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file()}
+def test_rerun_changes_nothing_and_a_deleted_shard_is_rebuilt_alone(debug_db, tmp_path):
+    _, manifest = debug_db
+    config = copy_db(debug_db, tmp_path)
+    layout = DatabaseLayout(config.db_path)
+    before = mtimes(layout.root)
+    again = build_database(config)
+    assert again == manifest  # same checksums, same db id
+    assert mtimes(layout.root) == before  # not one file rewritten, the manifest included
+
     layout.embeddings("train", 1).unlink()
     layout.index(1).unlink()
-    rebuilt = build_database(copy_config)
-    changed = sorted(layout.relative(p) for p in before if p.exists() and p.stat().st_mtime_ns != before[p])
-    assert set(changed) <= {
+    rebuilt = build_database(config)
+    changed = sorted(layout.relative(p) for p in before if p.stat().st_mtime_ns != before[p])
+    assert changed == [
         "embeddings/train/shard-0001.npy",
+        "index/shard-0001.doc_ids.npy",
         "index/shard-0001.faiss",
         "index/shard-0001.tokens.npy",
-        "index/shard-0001.doc_ids.npy",
         "manifest.json",
-    }, changed
-    assert layout.index(1).exists() and rebuilt["counts"] == manifest["counts"]
-    validate_database(copy_config.db_path)
+    ]
+    assert rebuilt == manifest  # byte-identical to the original build
+    validate_database(config.db_path)
+
+
+def test_interrupted_build_resumes_to_the_same_bytes(debug_db, tmp_path):
+    """A build stopped mid-way (partial manifest, missing outputs, a stray temporary) completes to the
+    same files as an uninterrupted build."""
+    _, manifest = debug_db
+    config = copy_db(debug_db, tmp_path)
+    layout = DatabaseLayout(config.db_path)
+    partial = {k: v for k, v in manifest.items() if k not in ("splits", "index", "counts", "db_id")}
+    partial["status"] = "building"
+    kept = ["tokenizer.json", "chunks/train/shard-0000.parquet", "chunks/train/shard-0001.parquet"]
+    partial["files"] = {k: manifest["files"][k] for k in kept}
+    partial["inputs"] = {k: manifest["inputs"][k] for k in kept}
+    for relative in manifest["files"]:
+        if relative not in kept and not relative.startswith("embeddings/train/shard-0000"):
+            (layout.root / relative).unlink()  # that one stays on disk but unrecorded: rewritten
+    layout.manifest.write_text(json.dumps(partial))
+    (layout.root / "index").mkdir(exist_ok=True)
+    (layout.root / "index" / ".shard-0000.faiss.tmp").write_bytes(b"half a file")
+    with pytest.raises(DatabaseError, match="only partly built"):
+        validate_database(config.db_path)
+    resumed = build_database(config)
+    assert resumed == manifest
+    assert not list(layout.root.rglob("*.tmp"))
+    validate_database(config.db_path)
+
+
+def test_changed_settings_or_foreign_folder_are_refused(debug_db, tmp_path):
+    config = copy_db(debug_db, tmp_path)
+    other = debug_config(config.work_dir, "database.tokenizer.vocab_size=2048")
+    with pytest.raises(DatabaseError, match=r"different settings \(changed: tokenizer\.vocab_size\)"):
+        build_database(other)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DatabaseError, match="is not a database"):
+        build_database(debug_config(tmp_path, f"database.path={foreign}"))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 def test_mlflow_run_records_the_build(debug_db):
@@ -130,18 +227,26 @@ def test_mlflow_run_records_the_build(debug_db):
     config, manifest = debug_db
     client = mlflow.MlflowClient(config.tracking_uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
-    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'build-db'")
-    assert runs
-    run = runs[-1]
+    runs = client.search_runs(
+        [experiment.experiment_id], "tags.stage = 'build-db'", order_by=["start_time ASC"]
+    )
+    run = runs[0]  # the session fixture's build
     assert run.data.params["database.chunk_len"] == "64"
-    assert run.data.metrics["chunks.train"] == manifest["counts"]["chunks"]["train"]
-    assert run.data.metrics["chunks_per_second_embedding"] > 0
+    assert run.data.tags["db_id"] == manifest["db_id"]
+    metrics = run.data.metrics
+    assert metrics["chunks.train"] == manifest["counts"]["chunks"]["train"]
+    for stage in ("corpus", "chunking", "embedding", "index"):
+        assert next(v for k, v in metrics.items() if k.endswith(f"per_second_{stage}")) > 0
     assert "manifest.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
 
 BAD_INPUTS = [
     ("malformed.jsonl", b'{"id": "a", "text": "fine"}\n{"id": "b", "text": \n', "line 2: malformed JSON"),
-    ("dupes.jsonl", b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "duplicate document id 'a'"),
+    (
+        "dupes.jsonl",
+        b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n',
+        "line 2: duplicate document id 'a'",
+    ),
     ("latin1.jsonl", b'{"id": "a", "text": "caf\xe9"}\n', "line 1: not valid UTF-8"),
     ("empty.jsonl", b'{"id": "a", "text": ""}\n{"id": "b", "text": "   "}\n', "no non-empty documents"),
     ("noid.jsonl", b'{"text": "no id here"}\n', "line 1: missing 'id'"),
@@ -156,57 +261,48 @@ def test_bad_corpus_is_refused_without_writing_a_database(ray_session, tmp_path,
     config = debug_config(tmp_path / "work", f"database.corpus.source={corpus}")
     with pytest.raises(CorpusError, match=message) as info:
         build_database(config)
-    assert str(corpus) in str(info.value) or "duplicate" in message or "non-empty" in message
+    assert str(corpus) in str(info.value)
     assert not config.db_path.exists()
 
 
-def test_corpus_formats_folder_and_parquet(tmp_path):
-    import pyarrow as pa
-
-    from retro_platform.config import CorpusConfig
-
-    folder = tmp_path / "docs"
-    (folder / "sub").mkdir(parents=True)
-    (folder / "a.txt").write_text("Alpha document.")
-    (folder / "sub" / "b.md").write_text("# Beta\nSecond document.")
-    (folder / "ignored.bin").write_bytes(b"\x00")
-    corpus = load_documents(CorpusConfig(source=str(folder), valid_fraction=0.0), use_ray=False)
-    assert sorted(d["id"] for d in corpus.train) == ["a.txt", "sub/b.md"]
-    table = pa.table({"id": ["x", "y", "z"], "text": ["one", "", "three"]})
-    path = tmp_path / "c.parquet"
-    pq.write_table(table, path)
-    corpus = load_documents(CorpusConfig(source=str(path), valid_fraction=0.0), use_ray=False)
-    assert [d["id"] for d in corpus.train] == ["x", "z"] and corpus.empty == 1
-    bad = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"id": ["x"], "body": ["no text column"]}), bad)
-    with pytest.raises(CorpusError, match="lacks column"):
-        load_documents(CorpusConfig(source=str(bad)), use_ray=False)
+@pytest.mark.parametrize(
+    "factory,message",
+    [("IVF1024,PQ8", "needs at least 1024 training vectors"), ("NotAnIndex", "not a valid FAISS factory")],
+)
+def test_untrainable_index_is_refused_before_anything_is_written(ray_session, tmp_path, factory, message):
+    config = debug_config(tmp_path / "work", f"database.index.factory={factory}")
+    with pytest.raises(DatabaseError, match=message):
+        build_database(config)
+    assert not config.db_path.exists()
 
 
-def test_split_is_stable_and_near_the_fraction():
-    from retro_platform.corpus import stable_split
-
-    ids = [f"doc-{i}" for i in range(5000)]
-    first = [stable_split(i, 0.1) for i in ids]
-    assert first == [stable_split(i, 0.1) for i in ids]
-    assert 0.08 < first.count("valid") / len(ids) < 0.12
-
-
-def test_index_choice_and_too_few_training_vectors():
-    from retro_platform.db.index import choose_factory, train_index
-
+def test_auto_index_rule():
     assert choose_factory(10_000, 384) == "Flat"
+    assert choose_factory(99_999, 384) == "Flat"
     assert choose_factory(500_000, 384) == "HNSW32"
+    assert choose_factory(10_000, 384, memory_budget_gb=0.001).startswith("IVF")
     assert choose_factory(500_000, 384, memory_budget_gb=0.1).startswith("IVF")
-    assert choose_factory(50_000_000, 384).startswith("IVF")
+    big = choose_factory(50_000_000, 384)
+    assert big.startswith("IVF") and big.endswith("PQ48")
     with pytest.raises(DatabaseError, match="needs at least 1024 training vectors"):
         train_index("IVF1024,Flat", np.random.rand(100, 16).astype(np.float32))
-    with pytest.raises(DatabaseError, match="not a valid FAISS factory"):
-        train_index("NotAnIndex", np.random.rand(100, 16).astype(np.float32))
 
 
-def test_manifest_is_json_with_checksums(debug_db):
-    config, manifest = debug_db
-    on_disk = json.loads(DatabaseLayout(config.db_path).manifest.read_text())
-    assert on_disk["db_id"] == manifest["db_id"]
-    assert len(on_disk["files"]) >= 12 and all(len(v) == 64 for v in on_disk["files"].values())
+def test_added_documents_survive_a_rebuild(debug_db, tmp_path):
+    from retro_platform.serve.update import add_documents
+
+    config = copy_db(debug_db, tmp_path)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text('{"id": "new-doc", "text": "Ray actors hold the shards of a retrieval index."}\n')
+    added = add_documents(config, [str(extra)])
+    assert added["counts"]["documents"]["added"] == 1
+    again = build_database(config)
+    assert again["splits"]["added"] == added["splits"]["added"]
+    assert again["index"]["shards"] == added["index"]["shards"]
+    validate_database(config.db_path)
+    layout = DatabaseLayout(config.db_path)
+    layout.chunks("added", 0).write_bytes(b"corrupt")
+    with pytest.raises(
+        DatabaseError, match=r"chunks/added/shard-0000\.parquet \(added by `retro add-docs`\)"
+    ):
+        build_database(config)
