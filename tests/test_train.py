@@ -144,37 +144,32 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(train_db, tmp_path):
     import threading
     import time
 
-    import psutil
-
     config = debug_config(
         train_db.work_dir,
         "train.name=killed",
-        "train.steps=30",
+        "train.steps=60",
         "train.checkpoint_every=5",
         "train.log_every=1",
         f"train.storage_path={tmp_path / 'results'}",
         "train.neighbor_mode=precomputed",
     )
+    log = tmp_path / "seen"
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(run_training(config)))
+    thread = threading.Thread(target=lambda: out.update(run_training(config, worker_log=str(log))))
     thread.start()
     deadline = time.time() + 180
     # two checkpoints on disk: the first is surely registered with Ray Train
     while time.time() < deadline and len(list((tmp_path / "results").rglob("train_state.pt"))) < 2:
         time.sleep(0.2)
-    workers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])
-    ]
-    assert workers, "no training workers found"
-    os.kill(workers[-1].pid, signal.SIGKILL)  # a worker process crashes
+    pid = int(Path(f"{log}.rank1.pid").read_text())  # one of this run's workers, nobody else's
+    os.kill(pid, signal.SIGKILL)  # a worker process crashes
     thread.join(timeout=400)
     assert out, "training did not finish"
-    assert out["metrics"]["step"] == 30
+    assert out["metrics"]["step"] == 60
+    assert int(Path(f"{log}.rank1.pid").read_text()) != pid  # a new worker finished the run
     client = mlflow.MlflowClient(config.tracking_uri)
     steps = [m.step for m in client.get_metric_history(out["run_id"], "train_loss")]
-    assert max(steps) == 30
+    assert max(steps) == 60
     restarts = [b for a, b in zip(steps, steps[1:], strict=False) if b <= a]
     assert restarts, "the worker kill did not restart training"
     # after the restart, steps continue from a checkpoint (a multiple of checkpoint_every), not from 0

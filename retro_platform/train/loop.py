@@ -173,7 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ``loop_config``: ``config`` (PlatformConfig dict; model already matched to the database), ``pool``
     (NeighborPool for online neighbours, else None), ``run_id`` and ``tracking_uri`` (the MLflow run the
     driver opened), ``db_id``, ``tokenizer_sha256``, and optionally ``worker_log`` (a path prefix where
-    each rank appends the sequence ids it trained on).
+    each rank appends what it trained on, and writes its process id to ``<worker_log>.rank<r>.pid``).
     """
     config = PlatformConfig.from_dict(loop_config["config"])
     train_cfg = config.train
@@ -242,6 +242,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     }
 
     seen: list[dict[str, list]] = []
+    if loop_config.get("worker_log"):
+        Path(f"{loop_config['worker_log']}.rank{rank}.pid").write_text(str(os.getpid()))
     window_tokens, window_wait, window_batches = 0, 0.0, 0
     window_start = time.perf_counter()
     model.train()
