@@ -282,8 +282,8 @@ def test_auto_index_rule():
     assert choose_factory(500_000, 384) == "HNSW32"
     assert choose_factory(10_000, 384, memory_budget_gb=0.001).startswith("IVF")
     assert choose_factory(500_000, 384, memory_budget_gb=0.1).startswith("IVF")
-    big = choose_factory(50_000_000, 384)
-    assert big.startswith("IVF") and big.endswith("PQ48")
+    assert choose_factory(50_000_000, 384) == "IVF32768,PQ48"  # 4 * sqrt(n) lists, dim / 8 bytes
+    assert choose_factory(50_000_000, 384, train_sample=100_000) == "IVF2048,PQ48"  # >= 39 per list
     with pytest.raises(DatabaseError, match="needs at least 1024 training vectors"):
         train_index("IVF1024,Flat", np.random.rand(100, 16).astype(np.float32))
 

@@ -244,7 +244,7 @@ class _Builder:
         n_total = sum(s["chunk_end"] - s["chunk_start"] for s in sources)
         factory = index_cfg.factory
         if factory == "auto":
-            factory = choose_factory(n_total, dim, index_cfg.memory_budget_gb)
+            factory = choose_factory(n_total, dim, index_cfg.memory_budget_gb, index_cfg.train_sample)
         new_index(factory, dim)  # raises DatabaseError naming database.index.factory for a bad string
         need = min_training_vectors(factory)
         have = min(index_cfg.train_sample, n_total)

@@ -1,12 +1,14 @@
 """FAISS index choice, training on a sample, and adding vectors in blocks, one index per shard.
 
 ``auto`` follows the FAISS wiki's guidelines ("Guidelines to choose an index") as autofaiss applies
-them, on the total number of vectors n and the memory budget:
-  * n < 100k and Flat fits the budget -> ``Flat`` (exact; brute force is fast at this size);
-  * n < 2M and HNSW fits the budget (n * (4*dim + 8*M) bytes) -> ``HNSW32`` (no training, high recall);
-  * otherwise ``IVF{nlist},PQ{dim/8}`` with nlist = 4*sqrt(n) rounded to a power of two
-    (compressed: dim/8 bytes per vector), clamped so there are >= 39 training vectors per list.
-All indexes use inner product on normalised vectors (cosine similarity).
+them, on the total number of vectors to index n (all shards) and ``database.index.memory_budget_gb``:
+  * n < 100k and Flat fits the budget (n * 4 * dim bytes) -> ``Flat`` (exact; brute force is fast);
+  * n < 2M and HNSW fits the budget (n * (4*dim + 8*32) bytes) -> ``HNSW32`` (no training, high recall);
+  * otherwise ``IVF{nlist},PQ{m}``: nlist = 4*sqrt(n) rounded to a power of two, lowered until the
+    training sample (``database.index.train_sample``, capped at n) has >= 39 vectors per list (and at
+    least 16 lists); m = dim/8 sub-quantizers of 8 bits (dim/8 bytes per vector, 48 for MiniLM's 384).
+All indexes use inner product on normalised vectors (cosine similarity). Searches set ``nprobe`` (IVF)
+and ``efSearch`` (HNSW) from config.
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ from retro_platform.errors import DatabaseError
 logger = logging.getLogger(__name__)
 
 
-def choose_factory(n_vectors: int, dim: int, memory_budget_gb: float | None = None) -> str:
-    """The ``auto`` index for n vectors of dimension dim within a memory budget (None = unlimited)."""
+def choose_factory(
+    n_vectors: int, dim: int, memory_budget_gb: float | None = None, train_sample: int | None = None
+) -> str:
+    """The ``auto`` index for n vectors of dimension dim within a memory budget (None = unlimited).
+
+    ``train_sample`` (None = n) bounds the IVF list count so every list gets >= 39 training vectors.
+    """
     budget = float("inf") if memory_budget_gb is None else memory_budget_gb * 1024**3
     flat_bytes = n_vectors * dim * 4
     if n_vectors < 100_000 and flat_bytes <= budget:
@@ -33,7 +40,8 @@ def choose_factory(n_vectors: int, dim: int, memory_budget_gb: float | None = No
     if n_vectors < 2_000_000 and n_vectors * (dim * 4 + 8 * 32) <= budget:
         return "HNSW32"
     nlist = 2 ** round(math.log2(max(4 * math.sqrt(n_vectors), 16)))
-    nlist = min(nlist, max(16, 2 ** int(math.log2(max(n_vectors // 39, 16)))))
+    trainable = min(n_vectors, train_sample or n_vectors)
+    nlist = min(nlist, max(16, 2 ** int(math.log2(max(trainable // 39, 16)))))
     pq_m = next(m for m in (dim // 8, 64, 48, 32, 16, 8, 4) if m > 0 and dim % m == 0)
     return f"IVF{nlist},PQ{pq_m}"
 

@@ -6,6 +6,7 @@ A database is a folder::
     tokenizer.json                       the project tokenizer (HF tokenizers format)
     chunks/<split>/shard-XXXX.parquet    chunk store, split in {train, valid}
     embeddings/<split>/shard-XXXX.npy    float16/float32 [n_chunks, dim], row i = chunk_start + i
+    index/trained.faiss                  the trained, empty index (manifest index.trained_file); add-docs clones it
     index/shard-XXXX.faiss               FAISS index of one index shard; FAISS id = chunk_id - chunk_start
     index/shard-XXXX.tokens.npy          int32 [n_chunks, chunk_len], memory-mappable, pad-filled
     index/shard-XXXX.doc_ids.npy         int64 [n_chunks], the doc_id of every chunk of the shard
@@ -20,7 +21,8 @@ kept as ``doc_key`` (string).
 
 Chunk store columns: chunk_id int64, doc_id int64, doc_key string, position int32 (chunk index within
 its document), tokens list<int32> (exactly chunk_len, padded with the tokenizer's pad id),
-n_tokens int32 (real tokens, <= chunk_len), text string (the decoded chunk text).
+n_tokens int32 (real tokens, <= chunk_len), text string (the decoded chunk text). Row groups hold
+``database.embed.rows_per_task`` rows (the unit of one embedding task of the build).
 """
 
 from __future__ import annotations
