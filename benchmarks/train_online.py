@@ -8,7 +8,12 @@ table, then trains the same short run (same seed, same sequences, 2 DDP workers)
 ``train.neighbor_mode=precomputed`` and ``online``, alternating the order over ``--rounds`` (P O, O P,
 ...) so drift in machine load hits both. Throughput per run is the median of the workers'
 ``tokens_per_s`` windows (``train.log_every`` steps each) without the first window (start-up); a
-mode's figure is the median over its runs. Prints a Markdown table with the machine load.
+mode's figure is the median over its runs.
+
+``--paired`` also runs one DDP training (the loop's own pieces: BatchLoader, DDP model, AdamW) that
+alternates blocks of ``--block`` steps between an online and a precomputed loader: both modes then see
+the same machine load at the same moments, and the ratio per pair of neighbouring blocks is robust on a
+shared machine. Prints Markdown tables with the machine load.
 """
 
 from __future__ import annotations
@@ -59,6 +64,141 @@ def run_once(preset: str, base: list[str], label: str, mode: str, query_batches:
     }
 
 
+def paired_loop(loop_config: dict) -> None:
+    """Ray Train worker: alternate blocks of steps between online and precomputed neighbours."""
+    import json
+    import time
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from retro_model.model import Retro
+    from retro_platform.config import PlatformConfig
+    from retro_platform.db.store import ChunkStore
+    from retro_platform.tokenizer import load_tokenizer_file
+    from retro_platform.train.data import BatchLoader, SequenceSource, token_byte_lengths
+    from retro_platform.train.loop import build_optimizer, to_tensors
+
+    config = PlatformConfig.from_dict(loop_config["config"])
+    tc = config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(1)
+    store = ChunkStore(config.db_path)
+    source = SequenceSource(
+        store,
+        "train",
+        tc.seq_len,
+        config.model.num_neighbors,
+        token_byte_lengths(load_tokenizer_file(store.layout.tokenizer)),
+    )
+    torch.manual_seed(tc.seed)
+    model = ray.train.torch.prepare_model(Retro(config.model))
+    optimizer, scheduler = build_optimizer(model.module if hasattr(model, "module") else model, tc)
+    loaders = {
+        "online": BatchLoader(
+            source,
+            tc.batch_size,
+            rank,
+            world,
+            tc.seed,
+            "online",
+            loop_config["pool"],
+            tc.prefetch_batches,
+            query_batches=tc.query_batches,
+        ),
+        "precomputed": BatchLoader(source, tc.batch_size, rank, world, tc.seed, "precomputed"),
+    }
+    device = ray.train.torch.get_device()
+
+    def train_steps(mode: str, steps: int) -> int:
+        tokens = 0
+        for _ in range(steps):
+            batch = loaders[mode].next_batch()
+            t = to_tensors(batch, device)
+            _, loss = model(t["tokens"], t["neighbors"], targets=t["targets"], loss_mask=t["loss_mask"])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += batch.tokens.size * world
+        return tokens
+
+    for mode in loaders:  # warm-up, not timed
+        train_steps(mode, 10)
+    blocks = []
+    for block in range(2 * loop_config["pairs"] + 1):
+        # P O P O ... P: every online block sits between two precomputed ones
+        mode = "precomputed" if block % 2 == 0 else "online"
+        dist.barrier()
+        t0 = time.perf_counter()
+        tokens = train_steps(mode, loop_config["block"])
+        dist.barrier()
+        blocks.append((mode, tokens / (time.perf_counter() - t0)))
+    if rank == 0:
+        with open(loop_config["out"], "w") as f:
+            json.dump(blocks, f)
+
+
+def run_paired(config, pairs: int, block: int, out: Path) -> list[tuple[str, float]]:
+    """One DDP run alternating online / precomputed blocks -> [(mode, tokens/s)] per block."""
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from retro_platform.db.manifest import validate_database
+    from retro_platform.ray_utils import runtime_env_vars
+    from retro_platform.serve.pool import NeighborPool
+    from retro_platform.train.trainer import model_for_database
+
+    manifest = validate_database(config.db_path)
+    config = model_for_database(config, manifest)
+    pool = NeighborPool.start(config, manifest)
+    try:
+        TorchTrainer(
+            paired_loop,
+            train_loop_config={
+                "config": config.to_dict(),
+                "pool": pool,
+                "pairs": pairs,
+                "block": block,
+                "out": str(out),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=config.train.num_workers,
+                resources_per_worker={"CPU": config.train.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=f"bench-paired-{os.getpid()}-{time.time_ns()}",
+                storage_path=str(config.storage_path),
+                worker_runtime_env={"env_vars": runtime_env_vars()},
+            ),
+        ).fit()
+    finally:
+        pool.shutdown()
+    return [tuple(b) for b in json.loads(out.read_text())]
+
+
+def print_runs(variants: list[tuple[str, str, int]], results: dict[str, list[dict[str, float]]]) -> None:
+    """The table of separate runs per mode."""
+    reference = statistics.median(r["tokens_per_s"] for r in results["precomputed"])
+    print()
+    print(
+        "| neighbours | query_batches | tokens/s (per run) | median tokens/s | vs precomputed | wait ms/batch |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, _, query_batches in variants:
+        runs = results[label]
+        rate = statistics.median(r["tokens_per_s"] for r in runs)
+        wait = statistics.median(r["wait_ms"] for r in runs)
+        per_run = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
+        shown = "-" if label == "precomputed" else str(query_batches)
+        print(f"| {label} | {shown} | {per_run} | {rate:.0f} | {rate / reference:.2f}x | {wait:.2f} |")
+
+
 def main() -> None:
     """Run the comparison and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,6 +212,9 @@ def main() -> None:
         action="store_true",
         help="also run online with query_batches=1 (one request per batch)",
     )
+    parser.add_argument("--paired", action="store_true", help="also alternate both modes inside one run")
+    parser.add_argument("--pairs", type=int, default=6, help="online blocks of the paired run")
+    parser.add_argument("--block", type=int, default=40, help="steps per block of the paired run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import ray
@@ -111,9 +254,13 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 logger.info("round %d %s: %s", round_ + 1, label, result)
                 results[label].append(result)
+        blocks = []
+        if args.paired:
+            online_config = load_config(args.preset, [*base, f"train.query_batches={args.query_batches}"])
+            blocks = run_paired(online_config, args.pairs, args.block, work / f"paired-{os.getpid()}.json")
+            loads.append(os.getloadavg()[0])
     finally:
         ray.shutdown()
-    reference = statistics.median(r["tokens_per_s"] for r in results["precomputed"])
     model = config.model
     print()
     print(
@@ -126,18 +273,25 @@ def main() -> None:
         f"machine: {os.cpu_count()} CPUs, load average before {load_before[0]:.2f}, "
         f"after each run {', '.join(f'{x:.2f}' for x in loads)}"
     )
-    print()
-    print(
-        "| neighbours | query_batches | tokens/s (per run) | median tokens/s | vs precomputed | wait ms/batch |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, _, query_batches in variants:
-        runs = results[label]
-        rate = statistics.median(r["tokens_per_s"] for r in runs)
-        wait = statistics.median(r["wait_ms"] for r in runs)
-        per_run = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
-        shown = "-" if label == "precomputed" else str(query_batches)
-        print(f"| {label} | {shown} | {per_run} | {rate:.0f} | {rate / reference:.2f}x | {wait:.2f} |")
+    if args.rounds:
+        print_runs(variants, results)
+    if blocks:
+        # each online block against the mean of the precomputed blocks before and after it
+        ratios = [
+            blocks[i][1] / ((blocks[i - 1][1] + blocks[i + 1][1]) / 2) for i in range(1, len(blocks) - 1, 2)
+        ]
+        print()
+        print(
+            f"Paired, one run: {args.pairs} online blocks of {args.block} steps (query_batches "
+            f"{args.query_batches}) between precomputed blocks"
+        )
+        print()
+        print("| block tokens/s (P O P O ... P) | online / neighbouring precomputed, per block | median |")
+        print("| --- | --- | --- |")
+        print(
+            f"| {', '.join(f'{m[0].upper()} {r:.0f}' for m, r in blocks)} | "
+            f"{', '.join(f'{r:.2f}' for r in ratios)} | {statistics.median(ratios):.2f}x |"
+        )
 
 
 if __name__ == "__main__":
