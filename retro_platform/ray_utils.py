@@ -46,6 +46,9 @@ def init_ray(config: PlatformConfig) -> bool:
     address = ray_config.address or os.environ.get("RAY_ADDRESS")
     if address:
         logger.info("joining Ray cluster at %s", address)
+        # Under `ray job submit` the job's own runtime env (working_dir, env_vars) is merged with ours
+        # instead of being refused as a conflict; ours carries the job's values (read from os.environ).
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, namespace=ray_config.namespace, runtime_env=env, log_to_driver=True)
         return True
     num_cpus = ray_config.num_cpus or os.cpu_count() or 1
