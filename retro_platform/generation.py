@@ -49,7 +49,7 @@ def complete(config: PlatformConfig, model, pool: NeighborPool | None, prompt: s
     tokenizer = load_tokenizer_file(store.layout.tokenizer)
     retriever = None
     if model.config.retrieval and pool is not None:
-        embedder = Embedder(store.manifest["encoder"]["name"], out_dtype="float32")
+        embedder = Embedder.from_manifest(store.manifest, out_dtype="float32")
         retriever = PoolRetriever(pool, tokenizer, embedder, model.config.num_neighbors)
     prompt_ids = torch.tensor(tokenizer.encode(prompt).ids, dtype=torch.long)
     gen = config.generate

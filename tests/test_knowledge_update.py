@@ -1,0 +1,69 @@
+"""Knowledge update without retraining: after `add-docs`, the same weights generate differently.
+
+The model is the debug preset's architecture for this database with a wide initialisation (std 0.5),
+so its greedy output depends visibly on every input, neighbours included: what is tested is the
+platform's path (add-docs -> live pool -> generation retrieves for each completed chunk -> the model
+reads the new neighbours), not what a few CPU training steps can learn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+
+import torch
+from conftest import debug_config
+
+from retro_model.checkpoint import save_model_dir
+from retro_model.model import Retro
+from retro_platform.db.manifest import load_manifest
+from retro_platform.generation import run_generation
+from retro_platform.serve.pool import NeighborPool
+from retro_platform.serve.update import add_documents
+from retro_platform.train.trainer import model_for_database
+
+FACT = (
+    "The Zorblatt Quasiphone is a brass instrument that was invented in the year 2031 on the island of "
+    "Velmora by the composer Ilse Brandtgaard, who tuned the Zorblatt Quasiphone to a scale of seventeen "
+    "tones and played it for the first time in the harbour of Velmora. "
+)
+PROMPT = FACT + "The Zorblatt Quasiphone was invented by"
+
+
+def neighbour_lines(printed: str) -> list[str]:
+    """The neighbour lines `retro generate` prints under each retrieving chunk ("    0.412 'text'")."""
+    return [line for line in printed.splitlines() if re.match(r"^ {4}-?\d\.\d{3} ", line)]
+
+
+def test_added_document_changes_the_greedy_completion_without_retraining(debug_db, tmp_path, capsys):
+    source, _ = debug_db
+    shutil.copytree(source.db_path, tmp_path / "db")
+    config = debug_config(tmp_path, "generate.max_new_tokens=48")
+    manifest = load_manifest(config.db_path)
+    torch.manual_seed(0)
+    model = Retro(dataclasses.replace(model_for_database(config, manifest).model, init_std=0.5))
+    checkpoint = tmp_path / "checkpoint"
+    save_model_dir(checkpoint, model, extra={"step": 0, "tokenizer_sha256": manifest["tokenizer"]["sha256"]})
+
+    before = run_generation(config, PROMPT, checkpoint=str(checkpoint))
+    printed_before = capsys.readouterr().out
+    assert neighbour_lines(printed_before)  # the prompt is longer than a chunk: its chunks retrieved
+    assert not any("Zorblatt" in line for line in neighbour_lines(printed_before))
+
+    new_docs = tmp_path / "fact.jsonl"
+    new_docs.write_text(json.dumps({"id": "zorblatt", "text": FACT * 3}) + "\n")
+    pool = NeighborPool.start(config)
+    try:
+        add_documents(config, [str(new_docs)], pool=pool)
+    finally:
+        pool.shutdown()
+    capsys.readouterr()
+
+    after = run_generation(config, PROMPT, checkpoint=str(checkpoint))  # a fresh pool, from disk
+    printed_after = capsys.readouterr().out
+    # the prompt's chunks now read the new document ...
+    assert any("Zorblatt" in line for line in neighbour_lines(printed_after))
+    assert after != before  # ... and the same weights complete the prompt differently
+    assert run_generation(config, PROMPT, checkpoint=str(checkpoint)) == after  # deterministic
