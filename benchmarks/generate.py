@@ -55,7 +55,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = RetroConfig.preset(args.preset, vocab_size=args.vocab)
+    cfg = RetroConfig.from_name(args.preset, vocab_size=args.vocab)
     model = Retro(cfg).eval()
     prompt = torch.randint(2, cfg.vocab_size, (cfg.chunk_len,))
     params = sum(p.numel() for p in model.parameters()) / 1e6
