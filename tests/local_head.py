@@ -33,9 +33,15 @@ def free_port() -> int:
 class LocalHead:
     """``ray start --head --block`` in its own process group, with the dashboard on loopback."""
 
-    def __init__(self, num_cpus: int = 2, extra_args: tuple[str, ...] = (), env: dict | None = None):
+    def __init__(
+        self,
+        num_cpus: int = 2,
+        extra_args: tuple[str, ...] = (),
+        env: dict | None = None,
+        gcs_port: int | None = None,
+    ):
         self.temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-        self.gcs_port = free_port()
+        self.gcs_port = gcs_port or free_port()
         self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
