@@ -9,6 +9,7 @@ Ray's ``train_loop_config`` and MLflow params.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -543,6 +544,14 @@ def load_config(name_or_path: str | None = "demo", overrides: list[str] | None =
         values = _read_yaml_with_base(find_preset(name_or_path))
     apply_overrides(values, overrides or [])
     config = PlatformConfig.from_dict(values)
+    if not Path(config.work_dir).expanduser().is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        logging.getLogger(__name__).warning(
+            "work_dir %r is relative: under `ray job submit` it lands in the job's temporary copy of the "
+            "working directory (%s), which Ray deletes later and other nodes cannot see. Pass "
+            "--set work_dir=/shared/path (a filesystem every node mounts).",
+            config.work_dir,
+            Path.cwd(),
+        )
     config.work_dir = str(Path(config.work_dir).expanduser().resolve())
     return config
 
