@@ -44,8 +44,10 @@ class RayConfig:
     """Object store size of a local Ray (bounded so actors keep memory)."""
     dashboard_host: str = "127.0.0.1"
     """Interface of the local dashboard; loopback unless you ask otherwise."""
-    include_dashboard: bool = False
-    """Start the dashboard for a local Ray."""
+    include_dashboard: bool = True
+    """Start the dashboard (job API, state API) for a local Ray, on ``dashboard_host``. Ray Train's
+    placement-group cleaner queries the state API every second and logs a warning each time it is
+    missing, so turn it off only for scripts that do not train."""
     namespace: str = "retro"
     """Ray namespace for named actors (the neighbour pool)."""
     build_resource: str | None = None
