@@ -50,7 +50,8 @@ def show_neighbors(
     started = init_ray(config)
     pool = None
     try:
-        manifest = validate_database(config.db_path, check_files=False)
+        # every file checked: a damaged shard is refused here, naming it, not half-loaded by an actor
+        manifest = validate_database(config.db_path)
         pool = NeighborPool.start(config, manifest)
         query_text, result, texts = find_neighbors(config, pool, chunk_id, text, k)
         label = f"chunk {chunk_id}" if chunk_id is not None else "text"
