@@ -17,3 +17,7 @@ class DatabaseError(RetroError):
 
 class CheckpointError(RetroError):
     """A checkpoint is missing, corrupt, or does not match the database/config."""
+
+
+class TrackingError(RetroError):
+    """The MLflow tracking store cannot be reached or created."""

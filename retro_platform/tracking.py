@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from retro_platform.config import PlatformConfig
+from retro_platform.errors import TrackingError
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,47 @@ MAX_PARAM_LENGTH = 500
 """Longer parameter values are truncated (MLflow stores params as short strings)."""
 
 
+_REACHABLE: set[str] = set()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when the tracking store cannot be used (instead of MLflow's minutes
+    of retries): an HTTP server must answer ``/health``; a SQLite file's folder must exist or be creatable.
+    """
+    if uri in _REACHABLE:
+        return
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                response.read(64)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"the MLflow tracking server {uri} cannot be reached ({reason}); start it, or fix "
+                "tracking.uri / MLFLOW_TRACKING_URI (unset both to use the local SQLite store)"
+            ) from None
+    elif scheme == "sqlite":
+        path = uri.split(":///", 1)[-1]
+        folder = Path(path).parent if path and path != ":memory:" else None
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrackingError(
+                    f"the MLflow store {uri} cannot be created ({exc.strerror} at {folder}); fix "
+                    "tracking.uri / MLFLOW_TRACKING_URI or work_dir"
+                ) from None
+    _REACHABLE.add(uri)
+
+
 def setup(config: PlatformConfig) -> str:
     """Point MLflow at the configured store and experiment (created with a local artifact root) -> id."""
     uri = config.tracking_uri
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     name = config.tracking.experiment
     client = MlflowClient(uri)
@@ -117,6 +156,7 @@ def run_exists(config: PlatformConfig, run_id: str | None) -> bool:
     """True when ``run_id`` is a run of the configured tracking store."""
     if not run_id:
         return False
+    check_reachable(config.tracking_uri)
     try:
         MlflowClient(config.tracking_uri).get_run(run_id)
     except MlflowException:

@@ -22,7 +22,7 @@ from retro_platform.db.embed import Embedder
 from retro_platform.db.index import choose_factory, train_index
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest, validate_database
-from retro_platform.errors import CorpusError, DatabaseError
+from retro_platform.errors import DatabaseError
 from retro_platform.tokenizer import load_tokenizer
 
 
@@ -238,42 +238,6 @@ def test_mlflow_run_records_the_build(debug_db):
     for stage in ("corpus", "chunking", "embedding", "index"):
         assert next(v for k, v in metrics.items() if k.endswith(f"per_second_{stage}")) > 0
     assert "manifest.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
-
-
-BAD_INPUTS = [
-    ("malformed.jsonl", b'{"id": "a", "text": "fine"}\n{"id": "b", "text": \n', "line 2: malformed JSON"),
-    (
-        "dupes.jsonl",
-        b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n',
-        "line 2: duplicate document id 'a'",
-    ),
-    ("latin1.jsonl", b'{"id": "a", "text": "caf\xe9"}\n', "line 1: not valid UTF-8"),
-    ("empty.jsonl", b'{"id": "a", "text": ""}\n{"id": "b", "text": "   "}\n', "no non-empty documents"),
-    ("noid.jsonl", b'{"text": "no id here"}\n', "line 1: missing 'id'"),
-    ("number.jsonl", b'{"id": "a", "text": 42}\n', "'text' of document 'a' must be a string"),
-]
-
-
-@pytest.mark.parametrize("name,content,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_corpus_is_refused_without_writing_a_database(ray_session, tmp_path, name, content, message):
-    corpus = tmp_path / name
-    corpus.write_bytes(content)
-    config = debug_config(tmp_path / "work", f"database.corpus.source={corpus}")
-    with pytest.raises(CorpusError, match=message) as info:
-        build_database(config)
-    assert str(corpus) in str(info.value)
-    assert not config.db_path.exists()
-
-
-@pytest.mark.parametrize(
-    "factory,message",
-    [("IVF1024,PQ8", "needs at least 1024 training vectors"), ("NotAnIndex", "not a valid FAISS factory")],
-)
-def test_untrainable_index_is_refused_before_anything_is_written(ray_session, tmp_path, factory, message):
-    config = debug_config(tmp_path / "work", f"database.index.factory={factory}")
-    with pytest.raises(DatabaseError, match=message):
-        build_database(config)
-    assert not config.db_path.exists()
 
 
 def test_auto_index_rule():

@@ -29,6 +29,9 @@ def find_neighbors(
 ) -> tuple[str, Neighbors, list[str]]:
     """(query text, neighbours, neighbour texts) for a chunk id (its own document excluded) or a text."""
     store = ChunkStore(config.db_path)
+    indexed = sum(int(s["n_vectors"]) for s in store.manifest["index"]["shards"])
+    if k is not None and not 1 <= k <= indexed:
+        raise RetroError(f"--k {k} is out of range: the index holds {indexed} chunks; ask for 1..{indexed}")
     if chunk_id is not None:
         if not 0 <= chunk_id < store.num_chunks:
             raise RetroError(

@@ -43,6 +43,12 @@ def model_for_database(config: PlatformConfig, manifest: dict[str, Any]) -> Plat
             f"chunk_len={manifest['chunk_len']}; set model.chunk_len and database.chunk_len to "
             f"{manifest['chunk_len']} (or build a database with chunk_len={config.model.chunk_len})"
         )
+    indexed = sum(int(s["n_vectors"]) for s in manifest["index"]["shards"])
+    if config.model.retrieval and config.model.num_neighbors > indexed:
+        raise DatabaseError(
+            f"model.num_neighbors={config.model.num_neighbors} but the index of {config.db_path} holds "
+            f"only {indexed} chunks; set model.num_neighbors to at most {indexed} (the paper uses 2-40)"
+        )
     tok = manifest["tokenizer"]
     model = dataclasses.replace(config.model, vocab_size=tok["vocab_size"], pad_id=tok["pad_id"])
     return dataclasses.replace(config, model=model)

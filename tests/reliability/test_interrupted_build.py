@@ -69,7 +69,9 @@ def test_build_killed_mid_stage_resumes_byte_identical(debug_db, tmp_path, stage
     finally:
         kill_tree(process)
         log.close()
-    assert target.exists(), f"the build never reached {stage}:\n{(tmp_path / 'build.log').read_text()[-3000:]}"
+    assert target.exists(), (
+        f"the build never reached {stage}:\n{(tmp_path / 'build.log').read_text()[-3000:]}"
+    )
 
     partial = load_manifest(config.db_path)
     assert partial["status"] == "building"
