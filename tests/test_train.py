@@ -138,44 +138,6 @@ def test_ddp_training_loss_falls_logs_to_mlflow_checkpoint_reloads_and_rerun_res
     assert client.get_run(out["run_id"]).data.tags["resumed_with_changes"] == "train.steps"
 
 
-def test_killed_worker_resumes_from_checkpoint_and_finishes(train_db, tmp_path):
-    import os
-    import signal
-    import threading
-    import time
-
-    config = debug_config(
-        train_db.work_dir,
-        "train.name=killed",
-        "train.steps=60",
-        "train.checkpoint_every=5",
-        "train.log_every=1",
-        f"train.storage_path={tmp_path / 'results'}",
-        "train.neighbor_mode=precomputed",
-    )
-    log = tmp_path / "seen"
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(run_training(config, worker_log=str(log))))
-    thread.start()
-    deadline = time.time() + 180
-    # two checkpoints on disk: the first is surely registered with Ray Train
-    while time.time() < deadline and len(list((tmp_path / "results").rglob("train_state.pt"))) < 2:
-        time.sleep(0.2)
-    pid = int(Path(f"{log}.rank1.pid").read_text())  # one of this run's workers, nobody else's
-    os.kill(pid, signal.SIGKILL)  # a worker process crashes
-    thread.join(timeout=400)
-    assert out, "training did not finish"
-    assert out["metrics"]["step"] == 60
-    assert int(Path(f"{log}.rank1.pid").read_text()) != pid  # a new worker finished the run
-    client = mlflow.MlflowClient(config.tracking_uri)
-    steps = [m.step for m in client.get_metric_history(out["run_id"], "train_loss")]
-    assert max(steps) == 60
-    restarts = [b for a, b in zip(steps, steps[1:], strict=False) if b <= a]
-    assert restarts, "the worker kill did not restart training"
-    # after the restart, steps continue from a checkpoint (a multiple of checkpoint_every), not from 0
-    assert all(b > 1 and (b - 1) % 5 == 0 for b in restarts), steps
-
-
 def test_retro_and_baseline_train_on_the_same_sequences_and_share_an_experiment(train_db, tmp_path):
     from retro_platform.evaluate import run_evaluation
 
