@@ -264,9 +264,16 @@ def test_bits_per_byte_and_fixed_evaluation_batches(synthetic_db):
 
 
 def test_model_must_match_the_database_and_resume_the_same_model(tmp_path):
-    manifest = {"chunk_len": 64, "tokenizer": {"vocab_size": 512, "pad_id": 0, "sha256": "abc"}}
+    manifest = {
+        "chunk_len": 64,
+        "tokenizer": {"vocab_size": 512, "pad_id": 0, "sha256": "abc"},
+        "index": {"shards": [{"n_vectors": 3}, {"n_vectors": 2}]},
+    }
     config = load_config("debug", [f"work_dir={tmp_path}"])
     matched = model_for_database(config, manifest)
+    too_many = load_config("debug", [f"work_dir={tmp_path}", "model.num_neighbors=6"])
+    with pytest.raises(DatabaseError, match="model.num_neighbors=6 but the index .* only 5 chunks"):
+        model_for_database(too_many, manifest)
     assert matched.model.vocab_size == 512 and matched.model.pad_id == 0
     wrong = load_config(
         "debug", [f"work_dir={tmp_path}", "model.chunk_len=32", "database.chunk_len=32", "train.seq_len=128"]

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from retro_model.checkpoint import load_model_dir, save_model_dir
 from retro_model.model import Retro
 from retro_platform.config import PlatformConfig, TrainConfig
 from retro_platform.db.store import ChunkStore
+from retro_platform.errors import CheckpointError
 from retro_platform.tokenizer import load_tokenizer_file
 from retro_platform.train.data import (
     BatchLoader,
@@ -142,7 +144,14 @@ def load_training_state(
 
     The model weights are loaded separately, before DDP wraps the model.
     """
-    state = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
+    path = Path(directory) / STATE_FILE
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds something other than tensors and plain containers; it was not loaded (no "
+            f"code from checkpoints is ever run). Remove that checkpoint or start a new train.name ({exc})"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), int(state["data_position"])
