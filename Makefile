@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast test-reliability lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -x -q --durations=15
 
+test-reliability: $(STAMP)
+	$(BIN)/python -m pytest -q -s tests/reliability
+
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -q -m "not slow"
 
@@ -41,6 +44,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/pool.py
+	$(BIN)/python benchmarks/train_online.py --paired
+	$(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf work .pytest_cache .ruff_cache
