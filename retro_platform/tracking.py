@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -72,7 +73,14 @@ def setup(config: PlatformConfig) -> str:
     """Point MLflow at the configured store and experiment (created with a local artifact root) -> id."""
     uri = config.tracking_uri
     check_reachable(uri)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would then override the store of
+    # every later config in this process (and of Ray workers started after it): put the user's back.
+    user_value = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if user_value is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_value
     name = config.tracking.experiment
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
