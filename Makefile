@@ -7,7 +7,12 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-reliability lint format bench clean
+# Peer RETRO implementations for `benchmarks/train_step.py --peers-python` live in their own venv
+# (never project dependencies): `make peers-venv`, then `make bench-peers`. Not part of `make test`.
+PEERS_VENV ?= $(abspath ../peers-venv)
+PEERS_PYTHON ?= python3.11
+
+.PHONY: install demo test test-fast test-reliability lint format bench bench-peers peers-venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +51,19 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pool.py
 	$(BIN)/python benchmarks/train_online.py --paired
 	$(BIN)/python benchmarks/generate.py
+
+$(PEERS_VENV)/.installed:
+	$(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet torch==2.13.0
+	$(PEERS_VENV)/bin/pip install --quiet retro-pytorch==0.3.9 'pyarrow<26' 'numpy<2'
+	$(PEERS_VENV)/bin/pip install --quiet --no-deps labml-nn==0.5.1
+	$(PEERS_VENV)/bin/pip install --quiet labml==0.5.3 megatron-core==0.15.3 'numpy<2'
+	touch $@
+
+peers-venv: $(PEERS_VENV)/.installed
+
+bench-peers: $(STAMP) $(PEERS_VENV)/.installed
+	$(BIN)/python benchmarks/train_step.py --repeats 3 --peers-python $(PEERS_VENV)/bin/python
 
 clean:
 	rm -rf work .pytest_cache .ruff_cache
