@@ -118,7 +118,13 @@ def paired_loop(loop_config: dict) -> None:
         for _ in range(steps):
             batch = loaders[mode].next_batch()
             t = to_tensors(batch, device)
-            _, loss = model(t["tokens"], t["neighbors"], targets=t["targets"], loss_mask=t["loss_mask"])
+            _, loss = model(
+                t["tokens"],
+                t["neighbors"],
+                targets=t["targets"],
+                loss_mask=t["loss_mask"],
+                return_logits=False,
+            )
             loss.backward()
             optimizer.step()
             scheduler.step()

@@ -93,7 +93,7 @@ def run_ours(name: str, retrieval: bool, amp: bool, steps: int, threads: int) ->
     build_rss = rss_gb()
 
     def loss_fn(tokens, targets, neighbors):
-        return model(tokens, neighbors if retrieval else None, targets=targets)[1]
+        return model(tokens, neighbors if retrieval else None, targets=targets, return_logits=False)[1]
 
     result = time_training(model, loss_fn, SHAPE, steps, params=model.param_groups(0.1), amp=amp)
     result.update(

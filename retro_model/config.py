@@ -76,6 +76,8 @@ class RetroConfig:
     """Epsilon of RMSNorm."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    loss_chunk_tokens: int = 512
+    """Rows of logits the loss materialises at once when the logits are not returned (memory only)."""
 
     def __post_init__(self) -> None:
         if self.cca_layers is not None:
@@ -89,6 +91,7 @@ class RetroConfig:
             "enc_layers",
             "num_neighbors",
             "max_seq_len",
+            "loss_chunk_tokens",
         ]
         for name in positive:
             value = getattr(self, name)

@@ -12,7 +12,8 @@ Data flow of ``forward(tokens[b, n], neighbors[b, l, k, r])``:
     3. every CCA layer: tokens from the last token of chunk u to the token before the last of chunk
        u+1 (the chunk_len - 1 shift) attend to chunk u's encoded neighbours, plus a learned null
        key/value so that a chunk whose neighbours are all padding attends to nothing.
-    4. final RMSNorm -> logits [b, n, V]; loss = cross-entropy over targets that are not padding.
+    4. final RMSNorm -> logits [b, n, V]; loss = cross-entropy over targets that are not padding
+       (computed in row chunks without materialising the logits when they are not asked for).
 No token ever sees neighbours retrieved with tokens after it.
 """
 
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retro_model.config import RetroConfig
+from retro_model.loss import IGNORE_INDEX, linear_cross_entropy
+from retro_model.ops import gelu_linear, rms_norm, rms_norm_linear, rotary_qkv
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +41,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., dim] -> same shape."""
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+    def linear(self, x: Tensor, linear: nn.Linear) -> Tensor:
+        """``linear(self(x))`` that recomputes ``self(x)`` in the backward pass instead of keeping it."""
+        return rms_norm_linear(x, self.weight, self.eps, linear.weight)
+
+
+def project(x: Tensor, linear: nn.Linear, norm: RMSNorm | None) -> Tensor:
+    """``linear(norm(x))``, or ``linear(x)`` without a norm."""
+    return linear(x) if norm is None else norm.linear(x, linear)
 
 
 def rotary_tables(max_len: int, head_size: int, base: float) -> tuple[Tensor, Tensor]:
@@ -73,16 +85,17 @@ class SelfAttention(nn.Module):
         causal: bool,
         key_mask: Tensor | None = None,
         cache: LayerCache | None = None,
+        norm: RMSNorm | None = None,
     ) -> Tensor:
-        """x [B, t, dim] -> [B, t, dim].
+        """x [B, t, dim] -> [B, t, dim] (``norm``: apply it to x first, as a pre-norm layer does).
 
         key_mask [B, t] (True = attend) masks padding keys (bidirectional use). With ``cache`` the t new
         tokens follow the cached ones: their keys/values are appended and they attend to all of them.
         """
         bsz, t, dim = x.shape
-        q, k, v = self.qkv(x).view(bsz, t, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        # q, k, v: (B, h, t, s)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = project(x, self.qkv, norm).view(bsz, t, 3, self.heads, dim // self.heads)
+        qkv = rotary_qkv(qkv, cos, sin)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, t, s), stored as (B, t, h, s)
         mask = None
         if cache is not None:
             if cache.k is not None:
@@ -118,11 +131,20 @@ class CrossAttention(nn.Module):
         self.dropout = dropout
         self.null_kv = nn.Parameter(torch.zeros(2, dim)) if null_kv else None
 
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
-        """x [B, t, dim], context [B, c, ctx_dim], context_mask [B, c] (True = attend) -> [B, t, dim]."""
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        context_mask: Tensor | None = None,
+        norm: RMSNorm | None = None,
+    ) -> Tensor:
+        """x [B, t, dim], context [B, c, ctx_dim], context_mask [B, c] (True = attend) -> [B, t, dim].
+
+        ``norm`` is applied to x first (pre-norm), without keeping the normed x for the backward pass.
+        """
         bsz, t, dim = x.shape
         s = dim // self.heads
-        q = self.q(x).view(bsz, t, self.heads, s).transpose(1, 2)  # (B, h, t, s)
+        q = project(x, self.q, norm).view(bsz, t, self.heads, s).transpose(1, 2)  # (B, h, t, s)
         kv = self.kv(context)  # (B, c, 2*dim)
         if self.null_kv is not None:
             null = self.null_kv.reshape(1, 1, 2 * dim).to(kv.dtype).expand(bsz, 1, 2 * dim)
@@ -146,9 +168,9 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x [..., dim] -> [..., dim]."""
-        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))
+    def forward(self, x: Tensor, norm: RMSNorm | None = None) -> Tensor:
+        """x [..., dim] -> [..., dim] (``norm``: apply it to x first)."""
+        return self.dropout(gelu_linear(project(x, self.up, norm), self.down.weight))  # down(gelu(up(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -174,13 +196,13 @@ class EncoderLayer(nn.Module):
         key_mask: Tensor | None,
     ) -> Tensor:
         """x [b*l*k, r, e], chunk_hidden [b*l, m, d] (already normed), key_mask [b*l*k, r] -> [b*l*k, r, e]."""
-        x = x + self.attn(self.norm_attn(x), cos, sin, causal=False, key_mask=key_mask)
+        x = x + self.attn(x, cos, sin, causal=False, key_mask=key_mask, norm=self.norm_attn)
         bl_k, r, e = x.shape
         # All k neighbours of a chunk attend to the same chunk: fold k into the query axis instead of
         # repeating the chunk k times.
-        queries = self.norm_cross(x).view(bl_k // k, k * r, e)  # (b*l, k*r, e)
-        x = x + self.cross(queries, chunk_hidden).view(bl_k, r, e)
-        return x + self.ff(self.norm_ff(x))
+        queries = x.view(bl_k // k, k * r, e)  # (b*l, k*r, e)
+        x = x + self.cross(queries, chunk_hidden, norm=self.norm_cross).view(bl_k, r, e)
+        return x + self.ff(x, norm=self.norm_ff)
 
 
 class DecoderLayer(nn.Module):
@@ -318,7 +340,7 @@ class Retro(nn.Module):
         window = h[:, m - 1 : m - 1 + num_chunks * m]  # (b, <= l*m, d)
         used = window.shape[1]
         window = F.pad(window, (0, 0, 0, num_chunks * m - used)).reshape(b * num_chunks, m, d)  # (b*l, m, d)
-        out = layer.cca(layer.norm_cca(window), encoded, cca_mask)  # (b*l, m, d)
+        out = layer.cca(window, encoded, cca_mask, norm=layer.norm_cca)  # (b*l, m, d)
         out = out.view(b, num_chunks * m, d)[:, :used]
         return F.pad(out, (0, 0, m - 1, n - (m - 1) - used))  # (b, n, d)
 
@@ -329,9 +351,14 @@ class Retro(nn.Module):
         neighbors: Tensor | None = None,
         targets: Tensor | None = None,
         loss_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """tokens [b, n], neighbors [b, l, k, r] (l = n // m complete chunks; extra chunks are ignored)
         or None (retrieval off), targets [b, n], loss_mask [b, n] (0 = ignore) -> (logits [b, n, V], loss).
+
+        With targets and ``return_logits=False`` (what training and evaluation need) the logits are
+        never materialised: the loss is computed ``config.loss_chunk_tokens`` rows at a time
+        (``retro_model.loss.linear_cross_entropy``, same value and gradients) and logits is None.
         """
         cfg = self.config
         b, n = tokens.shape
@@ -352,7 +379,7 @@ class Retro(nn.Module):
         h = self.embed(tokens)  # (b, n, d)
         encoded = cca_mask = None
         for layer in self.layers:
-            h = h + layer.attn(layer.norm_attn(h), cos, sin, causal=True)
+            h = h + layer.attn(h, cos, sin, causal=True, norm=layer.norm_attn)
             if use_retrieval and layer.has_cca:
                 if encoded is None:
                     # condition on the hidden states of each complete chunk (input of the first CCA layer)
@@ -360,18 +387,21 @@ class Retro(nn.Module):
                     nbrs = neighbors[:, :num_chunks].reshape(b * num_chunks, *neighbors.shape[2:])
                     encoded, cca_mask = self.encode_neighbors(nbrs, chunks)
                 h = h + self._chunked_cross_attention(layer, h, encoded, cca_mask)
-            h = h + layer.ff(layer.norm_ff(h))
-        logits = self.head(self.norm(h))  # (b, n, V)
-        loss = None
-        if targets is not None:
-            ignore = targets == cfg.pad_id
-            if loss_mask is not None:
-                ignore = ignore | (loss_mask == 0)
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                targets.masked_fill(ignore, -100).reshape(-1),
-                ignore_index=-100,
-            )
+            h = h + layer.ff(h, norm=layer.norm_ff)
+        h = self.norm(h)
+        if targets is None:
+            return self.head(h), None
+        ignore = targets == cfg.pad_id
+        if loss_mask is not None:
+            ignore = ignore | (loss_mask == 0)
+        targets = targets.masked_fill(ignore, IGNORE_INDEX).reshape(-1)  # (b*n,)
+        if not return_logits:
+            hidden = h.reshape(b * n, -1)  # (b*n, d)
+            return None, linear_cross_entropy(hidden, self.head.weight, targets, cfg.loss_chunk_tokens)
+        logits = self.head(h)  # (b, n, V)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX
+        )
         return logits, loss
 
     # ---- incremental decoding ----------------------------------------------------------------------

@@ -201,6 +201,113 @@ def test_bf16_autocast_runs_on_cpu():
     assert torch.isfinite(loss)
 
 
+def _loss_and_grads(model: Retro, *args, **kwargs):
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(*args, **kwargs)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("retrieval", [True, False])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_loss_equals_full_cross_entropy(retrieval, chunk):
+    """return_logits=False computes the loss in row chunks: same loss (1e-5) and gradients as the full one."""
+    cfg = tiny_config(retrieval=retrieval, loss_chunk_tokens=chunk)
+    model = make_model(cfg).train()
+    tokens, neighbors = random_inputs(cfg, 3, 3 * M + 5)
+    targets = tokens.roll(-1, dims=1)
+    targets[0, :4] = cfg.pad_id
+    mask = torch.ones_like(targets)
+    mask[1, 3:11] = 0
+    args = (tokens, neighbors if retrieval else None)
+    full_logits, full, full_grads = _loss_and_grads(model, *args, targets=targets, loss_mask=mask)
+    logits, chunked, grads = _loss_and_grads(
+        model, *args, targets=targets, loss_mask=mask, return_logits=False
+    )
+    assert full_logits.shape == (3, 3 * M + 5, cfg.vocab_size) and logits is None
+    assert abs(full.item() - chunked.item()) <= 1e-5
+    reference = torch.nn.functional.cross_entropy(
+        full_logits.reshape(-1, cfg.vocab_size),
+        targets.masked_fill((targets == cfg.pad_id) | (mask == 0), -100).reshape(-1),
+    )
+    assert abs(reference.item() - chunked.item()) <= 1e-5
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation path: loss only, same value
+        _, no_grad_loss = model(*args, targets=targets, loss_mask=mask, return_logits=False)
+    assert abs(no_grad_loss.item() - full.item()) <= 1e-5
+
+
+def test_training_step_saves_no_logits_sized_tensor():
+    """Without returned logits, nothing of size b*n*V (or wider than a row chunk of it) is kept for backward."""
+    cfg = tiny_config(vocab_size=8192, loss_chunk_tokens=16)
+    model = make_model(cfg).train()
+    tokens, neighbors = random_inputs(cfg, 4, 16 * M)  # b*n = 512 rows of logits, d = 32
+    b, n = tokens.shape
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(tokens, neighbors, targets=tokens.roll(-1, 1), return_logits=False)
+    loss.backward()
+    assert saved and max(saved) < b * n * cfg.vocab_size // 4
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, neighbors, targets=tokens.roll(-1, 1))  # the full version keeps [b*n, V]
+    assert max(saved) >= b * n * cfg.vocab_size
+
+
+def test_memory_lean_ops_match_composite():
+    """rms_norm, rms_norm_linear, rotary_qkv and gelu_linear equal their composite versions with grads."""
+    from retro_model.model import apply_rotary, rotary_tables
+    from retro_model.ops import gelu_linear, rms_norm, rms_norm_linear, rotary_qkv
+
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+
+    def check(fast, slow, *inputs):
+        a = [x.clone().requires_grad_() for x in inputs]
+        b = [x.clone().requires_grad_() for x in inputs]
+        out_a, out_b = fast(*a), slow(*b)
+        torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+        grad = torch.randn(out_a.shape, generator=g)
+        out_a.backward(grad)
+        out_b.backward(grad)
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-5)
+
+    x = torch.randn(3, 5, 16, generator=g)
+    w = torch.randn(16, generator=g)
+    lin = torch.randn(24, 16, generator=g)
+    check(lambda x, w: rms_norm(x, w, 1e-6), lambda x, w: F.rms_norm(x, (16,), w, 1e-6), x, w)
+    check(
+        lambda x, w, lin: rms_norm_linear(x, w, 1e-6, lin),
+        lambda x, w, lin: F.linear(F.rms_norm(x, (16,), w, 1e-6), lin),
+        x,
+        w,
+        lin,
+    )
+    hidden = torch.randn(3, 5, 24, generator=g)
+    check(
+        gelu_linear,
+        lambda a, w: F.linear(F.gelu(a, approximate="tanh"), w),
+        hidden,
+        torch.randn(16, 24, generator=g),
+    )
+    cos, sin = rotary_tables(5, 8, 10000.0)
+    qkv = torch.randn(3, 5, 3, 2, 8, generator=g)  # (B, t, 3, h, s)
+
+    def composite(qkv):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, h, t, s)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return torch.stack((q, k, v)).permute(1, 3, 0, 2, 4)  # back to (B, t, 3, h, s)
+
+    check(lambda qkv: rotary_qkv(qkv, cos, sin), composite, qkv)
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [
@@ -211,6 +318,7 @@ def test_bf16_autocast_runs_on_cpu():
         (dict(pad_id=99, vocab_size=50), "pad_id"),
         (dict(num_neighbors=0), "num_neighbors"),
         (dict(max_seq_len=4, chunk_len=8), "max_seq_len"),
+        (dict(loss_chunk_tokens=0), "loss_chunk_tokens"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):

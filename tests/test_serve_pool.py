@@ -6,7 +6,9 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import debug_config
 
+from retro_platform.db.build import build_database
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.serve.pool import NeighborPool
 
@@ -108,3 +110,42 @@ def test_killed_shard_actor_is_restarted_and_queries_still_answer(pool, debug_db
         np.testing.assert_array_equal(r.chunk_ids, expected.chunk_ids)
         np.testing.assert_array_equal(r.tokens, expected.tokens)
     assert ray.get(pool.replicas[1][0].info.remote())["pid"] != old_pid  # a new process serves the shard
+
+
+def recall_at(found: np.ndarray, true: np.ndarray) -> float:
+    """Fraction of the true top-k ids [q, k] that ``found`` [q, k] returned."""
+    return float(np.mean([len(np.intersect1d(f, t)) / t.shape[0] for f, t in zip(found, true, strict=True)]))
+
+
+def test_approximate_index_reports_recall_and_is_exact_when_it_searches_every_list(
+    ray_session, tmp_path_factory
+):
+    """IVF16,Flat served by the pool: recall@4 against brute force grows with nprobe, and reaches the
+    exact answer when every list is searched (nprobe = 16). A pool never attaches to actors started
+    with other search parameters."""
+    work = tmp_path_factory.mktemp("ivf-work")
+    config = debug_config(work, "database.index.factory=IVF16,Flat")
+    manifest = build_database(config)
+    assert manifest["index"]["factory"] == "IVF16,Flat"
+    vectors, _, _ = train_vectors(config, manifest)
+    queries = valid_queries(config, manifest, 48)
+    brute = queries @ vectors.T
+    true = np.argsort(-brute, axis=1)[:, :4]
+    recalls = {}
+    for nprobe in (1, 4, 16):
+        pool = NeighborPool.start(
+            debug_config(work, "database.index.factory=IVF16,Flat", f"database.index.nprobe={nprobe}"),
+            manifest,
+        )
+        try:
+            result = pool.search(queries, k=4)
+        finally:
+            pool.shutdown()
+        # IVF,Flat scores are exact inner products of whatever it returns
+        np.testing.assert_allclose(
+            np.take_along_axis(brute, result.chunk_ids, axis=1), result.scores, rtol=1e-4, atol=1e-5
+        )
+        recalls[nprobe] = recall_at(result.chunk_ids, true)
+    print(f"IVF16,Flat recall@4 by nprobe: {recalls}")
+    assert recalls[1] <= recalls[4] <= recalls[16] == 1.0
+    assert recalls[1] < 1.0  # one list of 16 misses neighbours: the index really is approximate

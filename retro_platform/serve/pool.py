@@ -88,7 +88,12 @@ class NeighborPool:
             for replica in range(serve.replicas):
                 handles.append(
                     ShardActor.options(
-                        name=f"{serve.name}-{manifest['db_id']}-{shard['shard']}-{replica}",
+                        # search parameters are part of the name: a pool started with another nprobe
+                        # or efSearch never attaches to actors that search differently
+                        name=(
+                            f"{serve.name}-{manifest['db_id']}-{shard['shard']}-{replica}"
+                            f"-p{index_cfg.nprobe}-e{index_cfg.ef_search}"
+                        ),
                         namespace=config.ray.namespace,
                         get_if_exists=True,
                         max_restarts=serve.max_restarts,

@@ -102,7 +102,13 @@ def evaluate_model(
             batch = source.batch(sequence_ids, setting, pool)
             t = to_tensors(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                _, loss = model(t["tokens"], t["neighbors"], targets=t["targets"], loss_mask=t["loss_mask"])
+                _, loss = model(
+                    t["tokens"],
+                    t["neighbors"],
+                    targets=t["targets"],
+                    loss_mask=t["loss_mask"],
+                    return_logits=False,
+                )
             n = int(batch.loss_mask.sum())
             loss_sum += float(loss) * n
             tokens += n
@@ -273,7 +279,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     _, loss = model(
-                        t["tokens"], t["neighbors"], targets=t["targets"], loss_mask=t["loss_mask"]
+                        t["tokens"],
+                        t["neighbors"],
+                        targets=t["targets"],
+                        loss_mask=t["loss_mask"],
+                        return_logits=False,  # the loss without materialising [b, n, V] logits
                     )
                 (loss / train_cfg.grad_accum).backward()
             loss_sum += loss.detach() / train_cfg.grad_accum
