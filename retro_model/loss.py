@@ -29,6 +29,46 @@ def _chunk_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor
     return loss, logprobs, valid
 
 
+def _fp32_chunks(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_rows: int,
+    grad_hidden: Tensor | None,
+    grad_weight: Tensor | None,
+) -> Tensor:
+    """fp32 path of ``_LinearCrossEntropy.forward``: summed loss; fills the summed-loss gradients.
+
+    Every chunk's logits, probabilities and logit gradients live in one reused [chunk_rows, V] buffer
+    and the matmuls write into their outputs, so a step allocates no new logits-sized memory per chunk
+    (fresh allocations of that size are page-fault bound on CPUs).
+    """
+    rows_total, vocab = hidden.shape[0], weight.shape[0]
+    buffer = torch.empty((min(chunk_rows, rows_total), vocab), dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, rows_total, chunk_rows):
+        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+        logits = buffer[: h.shape[0]]
+        torch.matmul(h, weight.t(), out=logits)  # (c, V)
+        valid = t != IGNORE_INDEX
+        safe = t.clamp_min(0)[:, None]  # (c, 1); ignored rows point at id 0, then masked
+        target_logit = logits.gather(1, safe).squeeze(1)
+        top = logits.amax(dim=1, keepdim=True)
+        logits.sub_(top).exp_()
+        sums = logits.sum(dim=1, keepdim=True)
+        log_sum_exp = (sums.log() + top).squeeze(1)  # (c,)
+        total += ((log_sum_exp - target_logit) * valid).sum()
+        # d(summed loss)/d(logits) = softmax - one_hot(target) on valid rows, 0 on ignored rows
+        logits.div_(sums)
+        logits.scatter_add_(1, safe, -valid[:, None].to(logits.dtype))
+        logits.mul_(valid[:, None])
+        if grad_hidden is not None:
+            torch.matmul(logits, weight, out=grad_hidden[start : start + chunk_rows])  # (c, d)
+        if grad_weight is not None:
+            grad_weight.addmm_(logits.t(), h)  # (V, d)
+    return total
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` whose gradients are formed during the forward pass."""
 
@@ -37,6 +77,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
+        fp32 = hidden.dtype == weight.dtype == torch.float32
+        if fp32 and not torch.is_autocast_enabled(hidden.device.type):
+            total = _fp32_chunks(hidden, weight, targets, chunk_rows, grad_hidden, grad_weight)
+            count = (targets != IGNORE_INDEX).sum().to(torch.float32)
+            ctx.save_for_backward(grad_hidden, grad_weight, count)
+            return total / count
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)

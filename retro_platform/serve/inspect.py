@@ -16,8 +16,7 @@ from retro_platform.serve.pool import NeighborPool, Neighbors
 
 def query_embedding(manifest: dict, text: str) -> np.ndarray:
     """Embed a text with the database's own encoder -> [1, dim] float32."""
-    encoder = manifest["encoder"]
-    return Embedder(encoder["name"], out_dtype="float32").encode([text])
+    return Embedder.from_manifest(manifest, out_dtype="float32").encode([text])
 
 
 def find_neighbors(

@@ -76,10 +76,8 @@ def add_documents(
         split_shard = len(added)
         index_shard = len(manifest["index"]["shards"])
         table = chunk_documents(docs, tokenizer, manifest["chunk_len"], doc_start, chunk_start)
-        encoder = manifest["encoder"]
-        vectors = Embedder(encoder["name"], out_dtype=encoder["dtype"]).encode(
-            table.column("text").to_pylist()
-        )
+        # the database's own encoder settings (weights dtype, batch size, stored dtype)
+        vectors = Embedder.from_manifest(manifest).encode(table.column("text").to_pylist())
         trained = faiss.read_index(str(layout.root / manifest["index"]["trained_file"]))
         index = fill_index(trained, vectors, config.database.index.add_block)
         paths = {
