@@ -19,17 +19,16 @@ IGNORE_INDEX = -100
 """Target id that contributes nothing to the loss (as ``F.cross_entropy``'s default ``ignore_index``)."""
 
 
-def _chunk_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Summed loss of one chunk of rows, plus its fp32 log-probabilities [c, V] and valid-row mask [c]."""
+def _chunk_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """Summed loss of one chunk of rows (no gradients formed)."""
     logprobs = F.linear(hidden, weight).float()  # (c, V) logits; autocast decides the matmul dtype
     logprobs = torch.log_softmax(logprobs, dim=-1)  # the logits are freed here
     valid = targets != IGNORE_INDEX
     safe = targets.clamp_min(0)[:, None]  # (c, 1); ignored rows point at id 0, then masked
-    loss = -(logprobs.gather(1, safe).squeeze(1) * valid).sum()
-    return loss, logprobs, valid
+    return -(logprobs.gather(1, safe).squeeze(1) * valid).sum()
 
 
-def _fp32_chunks(
+def _loss_and_gradients(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
@@ -37,35 +36,49 @@ def _fp32_chunks(
     grad_hidden: Tensor | None,
     grad_weight: Tensor | None,
 ) -> Tensor:
-    """fp32 path of ``_LinearCrossEntropy.forward``: summed loss; fills the summed-loss gradients.
+    """Summed loss over all rows; fills ``grad_hidden`` / ``grad_weight`` with the summed loss's gradients.
 
-    Every chunk's logits, probabilities and logit gradients live in one reused [chunk_rows, V] buffer
-    and the matmuls write into their outputs, so a step allocates no new logits-sized memory per chunk
-    (fresh allocations of that size are page-fault bound on CPUs).
+    In plain fp32 (no autocast) every chunk's logits, probabilities and logit gradients live in one
+    reused [chunk_rows, V] buffer and the matmuls write into their outputs, so a step allocates no new
+    logits-sized memory per chunk (fresh allocations of that size are page-fault bound on CPUs). Under
+    autocast the matmuls run in the autocast dtype and each chunk's logits are a new fp32 tensor.
     """
     rows_total, vocab = hidden.shape[0], weight.shape[0]
-    buffer = torch.empty((min(chunk_rows, rows_total), vocab), dtype=torch.float32, device=hidden.device)
+    in_place = hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(
+        hidden.device.type
+    )
+    buffer = None
+    if in_place:
+        buffer = torch.empty((min(chunk_rows, rows_total), vocab), dtype=torch.float32, device=hidden.device)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, rows_total, chunk_rows):
-        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
-        logits = buffer[: h.shape[0]]
-        torch.matmul(h, weight.t(), out=logits)  # (c, V)
+        rows = slice(start, start + chunk_rows)
+        h, t = hidden[rows], targets[rows]
+        if buffer is not None:
+            logits = torch.matmul(h, weight.t(), out=buffer[: h.shape[0]])  # (c, V)
+        else:
+            logits = F.linear(h, weight).float()  # (c, V); autocast decides the matmul dtype
         valid = t != IGNORE_INDEX
         safe = t.clamp_min(0)[:, None]  # (c, 1); ignored rows point at id 0, then masked
         target_logit = logits.gather(1, safe).squeeze(1)
         top = logits.amax(dim=1, keepdim=True)
         logits.sub_(top).exp_()
         sums = logits.sum(dim=1, keepdim=True)
-        log_sum_exp = (sums.log() + top).squeeze(1)  # (c,)
-        total += ((log_sum_exp - target_logit) * valid).sum()
+        total += (((sums.log() + top).squeeze(1) - target_logit) * valid).sum()  # log-sum-exp - target
         # d(summed loss)/d(logits) = softmax - one_hot(target) on valid rows, 0 on ignored rows
-        logits.div_(sums)
-        logits.scatter_add_(1, safe, -valid[:, None].to(logits.dtype))
-        logits.mul_(valid[:, None])
-        if grad_hidden is not None:
-            torch.matmul(logits, weight, out=grad_hidden[start : start + chunk_rows])  # (c, d)
-        if grad_weight is not None:
-            grad_weight.addmm_(logits.t(), h)  # (V, d)
+        grad_logits = logits.div_(sums)
+        grad_logits.scatter_add_(1, safe, -valid[:, None].to(grad_logits.dtype))
+        grad_logits.mul_(valid[:, None])
+        if buffer is not None:
+            if grad_hidden is not None:
+                torch.matmul(grad_logits, weight, out=grad_hidden[rows])  # (c, d)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)  # (V, d)
+        else:
+            if grad_hidden is not None:
+                grad_hidden[rows] = torch.matmul(grad_logits, weight)  # (c, d)
+            if grad_weight is not None:
+                grad_weight += torch.matmul(grad_logits.t(), h)  # (V, d)
     return total
 
 
@@ -74,29 +87,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
-        fp32 = hidden.dtype == weight.dtype == torch.float32
-        if fp32 and not torch.is_autocast_enabled(hidden.device.type):
-            total = _fp32_chunks(hidden, weight, targets, chunk_rows, grad_hidden, grad_weight)
-            count = (targets != IGNORE_INDEX).sum().to(torch.float32)
-            ctx.save_for_backward(grad_hidden, grad_weight, count)
-            return total / count
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, t = hidden[rows], targets[rows]
-            loss, probs, valid = _chunk_loss(h, weight, t)  # probs: log-probabilities until exp_
-            total += loss
-            # d(summed loss)/d(logits) = softmax - one_hot(target) on valid rows, 0 on ignored rows
-            probs.exp_()
-            probs.scatter_add_(1, t.clamp_min(0)[:, None], -valid[:, None].to(probs.dtype))
-            probs.mul_(valid[:, None])
-            if grad_hidden is not None:
-                grad_hidden[rows] = torch.matmul(probs, weight)  # (c, d)
-            if grad_weight is not None:
-                grad_weight += torch.matmul(probs.t(), h)  # (V, d)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total = _loss_and_gradients(hidden, weight, targets, chunk_rows, grad_hidden, grad_weight)
         count = (targets != IGNORE_INDEX).sum().to(torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         return total / count
@@ -125,5 +118,5 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        total += _chunk_loss(hidden[rows], weight, targets[rows])[0]
+        total += _chunk_loss(hidden[rows], weight, targets[rows])
     return total / (targets != IGNORE_INDEX).sum().to(torch.float32)

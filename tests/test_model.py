@@ -238,6 +238,35 @@ def test_chunked_loss_equals_full_cross_entropy(retrieval, chunk):
     assert abs(no_grad_loss.item() - full.item()) <= 1e-5
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_matches_cross_entropy_with_and_without_autocast(autocast):
+    """Both paths of the chunked loss (reused fp32 buffer; bf16 autocast matmuls) equal F.cross_entropy."""
+    from retro_model.loss import IGNORE_INDEX, linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = (torch.randn(50, 16) * 0.3).requires_grad_()
+    targets = torch.randint(0, 50, (37,))
+    targets[::5] = IGNORE_INDEX
+    results = []
+    for fn in (
+        lambda: torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(hidden, weight).float(), targets
+        ),
+        lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=8),
+    ):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn()
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    (ref_loss, ref_gh, ref_gw), (loss, gh, gw) = results
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    torch.testing.assert_close(gh, ref_gh, **tol)
+    torch.testing.assert_close(gw, ref_gw, **tol)
+
+
 def test_training_step_saves_no_logits_sized_tensor():
     """Without returned logits, nothing of size b*n*V (or wider than a row chunk of it) is kept for backward."""
     cfg = tiny_config(vocab_size=8192, loss_chunk_tokens=16)
