@@ -44,11 +44,8 @@ def _loss_and_gradients(
     autocast the matmuls run in the autocast dtype and each chunk's logits are a new fp32 tensor.
     """
     rows_total, vocab = hidden.shape[0], weight.shape[0]
-    in_place = hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(
-        hidden.device.type
-    )
-    buffer = None
-    if in_place:
+    buffer = None  # the reused logits buffer of the plain fp32 path
+    if hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type):
         buffer = torch.empty((min(chunk_rows, rows_total), vocab), dtype=torch.float32, device=hidden.device)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, rows_total, chunk_rows):
