@@ -19,15 +19,6 @@ IGNORE_INDEX = -100
 """Target id that contributes nothing to the loss (as ``F.cross_entropy``'s default ``ignore_index``)."""
 
 
-def _chunk_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    """Summed loss of one chunk of rows (no gradients formed)."""
-    logprobs = F.linear(hidden, weight).float()  # (c, V) logits; autocast decides the matmul dtype
-    logprobs = torch.log_softmax(logprobs, dim=-1)  # the logits are freed here
-    valid = targets != IGNORE_INDEX
-    safe = targets.clamp_min(0)[:, None]  # (c, 1); ignored rows point at id 0, then masked
-    return -(logprobs.gather(1, safe).squeeze(1) * valid).sum()
-
-
 def _loss_and_gradients(
     hidden: Tensor,
     weight: Tensor,
@@ -36,7 +27,8 @@ def _loss_and_gradients(
     grad_hidden: Tensor | None,
     grad_weight: Tensor | None,
 ) -> Tensor:
-    """Summed loss over all rows; fills ``grad_hidden`` / ``grad_weight`` with the summed loss's gradients.
+    """Summed loss over all rows; fills ``grad_hidden`` / ``grad_weight`` (when given) with the summed
+    loss's gradients. With neither given only the loss is computed.
 
     In plain fp32 (no autocast) every chunk's logits, probabilities and logit gradients live in one
     reused [chunk_rows, V] buffer and the matmuls write into their outputs, so a step allocates no new
@@ -62,6 +54,8 @@ def _loss_and_gradients(
         logits.sub_(top).exp_()
         sums = logits.sum(dim=1, keepdim=True)
         total += (((sums.log() + top).squeeze(1) - target_logit) * valid).sum()  # log-sum-exp - target
+        if grad_hidden is None and grad_weight is None:
+            continue
         # d(summed loss)/d(logits) = softmax - one_hot(target) on valid rows, 0 on ignored rows
         grad_logits = logits.div_(sums)
         grad_logits.scatter_add_(1, safe, -valid[:, None].to(grad_logits.dtype))
@@ -112,8 +106,5 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        total += _chunk_loss(hidden[rows], weight, targets[rows])
+    total = _loss_and_gradients(hidden, weight, targets, chunk_rows, None, None)
     return total / (targets != IGNORE_INDEX).sum().to(torch.float32)
