@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from retro_model.config import RetroConfig
 from retro_model.loss import IGNORE_INDEX, linear_cross_entropy
-from retro_model.ops import gelu_linear, rms_norm, rms_norm_linear, rotary_qkv
+from retro_model.ops import causal_attention, gelu_linear, rms_norm, rms_norm_linear, rotary_qkv
 
 
 class RMSNorm(nn.Module):
@@ -94,8 +94,7 @@ class SelfAttention(nn.Module):
         """
         bsz, t, dim = x.shape
         qkv = project(x, self.qkv, norm).view(bsz, t, 3, self.heads, dim // self.heads)
-        qkv = rotary_qkv(qkv, cos, sin)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, t, s), stored as (B, t, h, s)
+        q, k, v = rotary_qkv(qkv, cos, sin)  # each (B, h, t, s)
         mask = None
         if cache is not None:
             if cache.k is not None:
@@ -109,9 +108,11 @@ class SelfAttention(nn.Module):
             causal = False
         elif key_mask is not None:
             mask = key_mask[:, None, None, :]  # (B, 1, 1, t)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        if causal and mask is None:
+            out = causal_attention(q, k, v, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         return self.proj(out.transpose(1, 2).reshape(bsz, t, dim))
 
 

@@ -331,10 +331,34 @@ def test_memory_lean_ops_match_composite():
 
     def composite(qkv):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, h, t, s)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return torch.stack((q, k, v)).permute(1, 3, 0, 2, 4)  # back to (B, t, 3, h, s)
+        return torch.stack((apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v))
 
-    check(lambda qkv: rotary_qkv(qkv, cos, sin), composite, qkv)
+    check(lambda qkv: torch.stack(rotary_qkv(qkv, cos, sin)), composite, qkv)
+
+
+@pytest.mark.parametrize("length", [1, 40, 64, 150, 256])
+def test_blocked_causal_attention_matches_sdpa(length):
+    """The CPU blocked causal attention equals scaled_dot_product_attention(is_causal=True), with grads,
+    for lengths below, at and between multiples of its 64-row block; autocast takes the SDPA path."""
+    from retro_model.ops import CAUSAL_BLOCK, causal_attention
+
+    assert CAUSAL_BLOCK == 64
+    g = torch.Generator().manual_seed(length)
+    # q, k, v as the model passes them: (B, h, t, s) slices of one tensor
+    qkv = torch.randn(3, 2, 3, length, 16, generator=g)
+    fast = [x.clone().requires_grad_() for x in qkv]
+    slow = [x.clone().requires_grad_() for x in qkv]
+    out_fast = causal_attention(*fast)
+    out_slow = torch.nn.functional.scaled_dot_product_attention(*slow, is_causal=True)
+    torch.testing.assert_close(out_fast, out_slow, rtol=1e-5, atol=1e-6)
+    grad = torch.randn(out_fast.shape, generator=g)
+    out_fast.backward(grad)
+    out_slow.backward(grad)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    assert out_fast.grad_fn.name().startswith("_BlockCausalAttention")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not causal_attention(*fast).grad_fn.name().startswith("_BlockCausalAttention")
 
 
 @pytest.mark.parametrize(

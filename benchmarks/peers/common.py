@@ -95,7 +95,7 @@ def time_training(
     return {
         "tokens_per_s": shape["batch"] * shape["seq_len"] / step_time,
         "step_s": [round(t, 4) for t in times],
-        "final_loss": float(loss),
+        "final_loss": float(loss.detach()),
         "params_M": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6,
     }
 
