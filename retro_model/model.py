@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from retro_model.config import RetroConfig
 from retro_model.loss import IGNORE_INDEX, linear_cross_entropy
-from retro_model.ops import causal_attention, gelu_linear, rms_norm, rms_norm_linear, rotary_qkv
+from retro_model.ops import causal_attention, gelu_linear, kv_heads, rms_norm, rms_norm_linear, rotary_qkv
 
 
 class RMSNorm(nn.Module):
@@ -146,13 +146,9 @@ class CrossAttention(nn.Module):
         bsz, t, dim = x.shape
         s = dim // self.heads
         q = project(x, self.q, norm).view(bsz, t, self.heads, s).transpose(1, 2)  # (B, h, t, s)
-        kv = self.kv(context)  # (B, c, 2*dim)
-        if self.null_kv is not None:
-            null = self.null_kv.reshape(1, 1, 2 * dim).to(kv.dtype).expand(bsz, 1, 2 * dim)
-            kv = torch.cat((null, kv), dim=1)  # (B, 1 + c, 2*dim)
-            if context_mask is not None:
-                context_mask = F.pad(context_mask, (1, 0), value=True)
-        k, v = kv.view(bsz, -1, 2, self.heads, s).permute(2, 0, 3, 1, 4)  # each (B, h, c', s)
+        k, v = kv_heads(self.kv(context), self.null_kv, self.heads)  # each (B, h, c', s), c' = [1 +] c
+        if self.null_kv is not None and context_mask is not None:
+            context_mask = F.pad(context_mask, (1, 0), value=True)
         mask = None if context_mask is None else context_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0

@@ -8,7 +8,8 @@ backward pass (the step's peak memory is the activations saved by the forward pa
 - ``rotary_qkv``: rotates q and k of a fused QKV projection into one new tensor holding contiguous
   q, k, v [B, h, t, s] and saves nothing but cos/sin (rotation's backward is the inverse rotation).
   The composite version keeps the projection output *and* the rotated q and k, and splitting q, k, v
-  with ``unbind`` costs a stack of their gradients in the backward pass.
+  with ``unbind`` costs a stack of their gradients in the backward pass. ``kv_heads`` does the same
+  for a cross-attention's fused key/value projection (and prepends the learned null key/value).
 - ``rms_norm_linear``: a linear layer applied to ``rms_norm(x)``, recomputing the normed x in the
   backward pass instead of keeping it beside x.
 - ``gelu_linear``: ``F.linear(gelu(a), w)`` with a hand-written backward (one GELU gradient kernel, no
@@ -137,6 +138,46 @@ def rotary_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, T
     into one [B, t, 3, h, s] gradient (no separate stack of the three).
     """
     return _RotaryQKV.apply(qkv, cos, sin)
+
+
+class _KVHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kv: Tensor, null_kv: Tensor | None, heads: int) -> tuple[Tensor, Tensor]:
+        bsz, c, two_dim = kv.shape
+        s = two_dim // 2 // heads
+        offset = 0 if null_kv is None else 1
+        out = torch.empty((2, bsz, heads, offset + c, s), dtype=kv.dtype, device=kv.device)
+        if null_kv is not None:
+            out[:, :, :, 0] = null_kv.to(kv.dtype).view(2, 1, heads, s)
+        out[:, :, :, offset:] = kv.view(bsz, c, 2, heads, s).permute(2, 0, 3, 1, 4)
+        ctx.offset, ctx.null_dtype = offset, None if null_kv is None else null_kv.dtype
+        return out[0], out[1]
+
+    @staticmethod
+    def backward(ctx, grad_k: Tensor, grad_v: Tensor):
+        bsz, heads, _, s = grad_k.shape
+        offset = ctx.offset
+        grad_kv = torch.empty(
+            (bsz, grad_k.shape[2] - offset, 2, heads, s), dtype=grad_k.dtype, device=grad_k.device
+        )
+        grad_kv[:, :, 0] = grad_k[:, :, offset:].transpose(1, 2)
+        grad_kv[:, :, 1] = grad_v[:, :, offset:].transpose(1, 2)
+        grad_null = None
+        if offset and ctx.needs_input_grad[1]:
+            grad_null = torch.stack((grad_k[:, :, 0].sum(0), grad_v[:, :, 0].sum(0))).view(2, heads * s)
+            grad_null = grad_null.to(ctx.null_dtype)
+        return grad_kv.view(bsz, -1, 2 * heads * s), grad_null, None
+
+
+def kv_heads(kv: Tensor, null_kv: Tensor | None, heads: int) -> tuple[Tensor, Tensor]:
+    """A fused key/value projection kv [B, c, 2*dim] -> k, v [B, h, c', s] (contiguous), with the learned
+    ``null_kv`` [2, dim] prepended as key/value 0 when given (c' = c + 1), else c' = c.
+
+    Both outputs are slices of one new tensor, and the backward pass writes the gradients of k and v
+    straight into one [B, c, 2*dim] gradient; the composite version (concatenate the null, split k
+    from v with ``unbind``) copies the projection once more forward and stacks the gradients backward.
+    """
+    return _KVHeads.apply(kv, null_kv, heads)
 
 
 class _GeluLinear(torch.autograd.Function):

@@ -336,6 +336,31 @@ def test_memory_lean_ops_match_composite():
     check(lambda qkv: torch.stack(rotary_qkv(qkv, cos, sin)), composite, qkv)
 
 
+@pytest.mark.parametrize("with_null", [True, False])
+def test_kv_heads_matches_concatenate_and_split(with_null):
+    """kv_heads equals prepending the null key/value and splitting k from v, with grads for both inputs."""
+    from retro_model.ops import kv_heads
+
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randn(3, 7, 2 * 2 * 8, generator=g)  # (B, c, 2*dim), 2 heads of size 8
+    null = torch.randn(2, 16, generator=g)
+    inputs_fast = [kv.clone().requires_grad_(), null.clone().requires_grad_()]
+    inputs_slow = [kv.clone().requires_grad_(), null.clone().requires_grad_()]
+    k, v = kv_heads(inputs_fast[0], inputs_fast[1] if with_null else None, 2)
+    ctx = inputs_slow[0]
+    if with_null:
+        ctx = torch.cat((inputs_slow[1].reshape(1, 1, 32).expand(3, 1, 32), ctx), dim=1)
+    k_ref, v_ref = ctx.view(3, -1, 2, 2, 8).permute(2, 0, 3, 1, 4)
+    assert k.shape == (3, 2, 7 + with_null, 8) and k.is_contiguous() and v.is_contiguous()
+    torch.testing.assert_close(torch.stack((k, v)), torch.stack((k_ref, v_ref)))
+    grad = torch.randn(2, *k.shape, generator=g)
+    (torch.stack((k, v)) * grad).sum().backward()
+    (torch.stack((k_ref, v_ref)) * grad).sum().backward()
+    torch.testing.assert_close(inputs_fast[0].grad, inputs_slow[0].grad)
+    if with_null:
+        torch.testing.assert_close(inputs_fast[1].grad, inputs_slow[1].grad)
+
+
 @pytest.mark.parametrize("length", [1, 40, 64, 150, 256])
 def test_blocked_causal_attention_matches_sdpa(length):
     """The CPU blocked causal attention equals scaled_dot_product_attention(is_causal=True), with grads,
