@@ -115,11 +115,13 @@ def matmul_gflops(threads: int, dtype: str = "float32") -> float:
     b = torch.randn(256, 1024, dtype=dt)
     for _ in range(5):
         a @ b
-    t0 = time.perf_counter()
-    reps = 40
-    for _ in range(reps):
-        a @ b
-    return 2 * 2048 * 256 * 1024 * reps / (time.perf_counter() - t0) / 1e9
+    reps, best = 20, float("inf")
+    for _ in range(5):  # the best of 5 trials: the machine's rate, not its momentary load
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048 * 256 * 1024 * reps / best / 1e9
 
 
 def last_json(stdout: str) -> dict | None:
@@ -186,8 +188,9 @@ def main() -> None:
         child = f"{name},{int(retrieval)},{int(amp)}"
         jobs.append((name, [sys.executable, __file__, *common, "--child", child], BENCH_DIR))
     if args.peers_python:
+        peers_python = os.path.abspath(args.peers_python)  # children run in benchmarks/; no symlink resolving
         for module, name in ADAPTERS.items():
-            cmd = [args.peers_python, "-W", "ignore", "-m", f"peers.{module}", "--shape", json.dumps(SHAPE)]
+            cmd = [peers_python, "-W", "ignore", "-m", f"peers.{module}", "--shape", json.dumps(SHAPE)]
             jobs.append((name, cmd + common, BENCH_DIR))
 
     print(f"before: {load()}")

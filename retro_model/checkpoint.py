@@ -58,9 +58,9 @@ def read_checkpoint_metadata(path: str | Path) -> tuple[RetroConfig, dict[str, A
         raise ValueError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
     if "retro_config" not in metadata:
         raise ValueError(f"checkpoint {path} has no retro_config metadata: not written by save_checkpoint")
-    return RetroConfig.from_dict(json.loads(metadata["retro_config"])), json.loads(
-        metadata.get("extra", "{}")
-    )
+    values = json.loads(metadata["retro_config"])
+    values.setdefault("activation", "gelu_tanh")  # written before the field existed: tanh GELU then
+    return RetroConfig.from_dict(values), json.loads(metadata.get("extra", "{}"))
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Retro, dict[str, Any]]:

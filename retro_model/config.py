@@ -30,6 +30,10 @@ def paper_cca_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(start, n_layers + 1, 3))
 
 
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+"""Feed-forward activation name -> the ``approximate`` argument of ``torch.nn.functional.gelu``."""
+
+
 @dataclass
 class RetroConfig:
     """Hyperparameters of a Retro model (decoder + chunked cross-attention + neighbour encoder)."""
@@ -60,6 +64,9 @@ class RetroConfig:
     """Neighbours k retrieved per chunk."""
     neighbor_len: int | None = None
     """Tokens r per neighbour (neighbour chunk + continuation); None means 2 * chunk_len."""
+    activation: str = "gelu"
+    """Feed-forward activation: "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation, which
+    checkpoints written before this field existed use)."""
     dropout: float = 0.0
     """Dropout probability in attention outputs and feed-forward blocks."""
     tie_embeddings: bool = True
@@ -112,6 +119,10 @@ class RetroConfig:
             )
         if (self.enc_width // self.enc_heads) % 2:
             raise ValueError("RetroConfig.enc_d_model / enc_n_heads must be even (rotary embeddings)")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"RetroConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RetroConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.pad_id < self.vocab_size:

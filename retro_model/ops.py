@@ -12,8 +12,8 @@ backward pass (the step's peak memory is the activations saved by the forward pa
   for a cross-attention's fused key/value projection (and prepends the learned null key/value).
 - ``rms_norm_linear``: a linear layer applied to ``rms_norm(x)``, recomputing the normed x in the
   backward pass instead of keeping it beside x.
-- ``gelu_linear``: ``F.linear(gelu(a), w)`` with a hand-written backward (one GELU gradient kernel, no
-  autograd bookkeeping between the two steps). It keeps ``a`` and ``gelu(a)``: recomputing ``gelu(a)``
+- ``gelu_linear``: ``F.linear(gelu(a), w)`` (exact or tanh GELU) with a hand-written backward (one
+  GELU gradient kernel, no autograd bookkeeping between the two steps). It keeps ``a`` and ``gelu(a)``: recomputing ``gelu(a)``
   in the backward pass saved ~115 MB at the benchmark shape but cost 5% of the step's time.
 """
 
@@ -182,9 +182,10 @@ def kv_heads(kv: Tensor, null_kv: Tensor | None, heads: int) -> tuple[Tensor, Te
 
 class _GeluLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a: Tensor, weight: Tensor) -> Tensor:
-        g = F.gelu(a, approximate="tanh")
+    def forward(ctx, a: Tensor, weight: Tensor, approximate: str) -> Tensor:
+        g = F.gelu(a, approximate=approximate)
         ctx.save_for_backward(a, weight, g)
+        ctx.approximate = approximate
         return F.linear(g, weight)
 
     @staticmethod
@@ -198,15 +199,17 @@ class _GeluLinear(torch.autograd.Function):
             del g
         if ctx.needs_input_grad[0]:
             grad_gelu = torch.matmul(grad, weight.to(grad.dtype))  # (..., hidden)
-            grad_a = torch.ops.aten.gelu_backward(grad_gelu, a.to(grad_gelu.dtype), approximate="tanh")
+            grad_a = torch.ops.aten.gelu_backward(
+                grad_gelu, a.to(grad_gelu.dtype), approximate=ctx.approximate
+            )
             del grad_gelu
             grad_a = grad_a.to(a.dtype)
-        return grad_a, grad_weight
+        return grad_a, grad_weight, None
 
 
-def gelu_linear(a: Tensor, weight: Tensor) -> Tensor:
-    """F.linear(gelu_tanh(a [..., hidden]), weight [dim, hidden]) -> [..., dim]."""
-    return _GeluLinear.apply(a, weight)
+def gelu_linear(a: Tensor, weight: Tensor, approximate: str = "none") -> Tensor:
+    """F.linear(F.gelu(a [..., hidden], approximate=approximate), weight [dim, hidden]) -> [..., dim]."""
+    return _GeluLinear.apply(a, weight, approximate)
 
 
 CAUSAL_BLOCK = 64

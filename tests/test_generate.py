@@ -10,7 +10,7 @@ from retro_model.model import Retro
 M = 8
 
 
-def make(retrieval=True, init_std=0.02) -> Retro:
+def make(retrieval=True, init_std=0.02, **overrides) -> Retro:
     torch.manual_seed(0)
     cfg = RetroConfig(
         init_std=init_std,
@@ -23,6 +23,7 @@ def make(retrieval=True, init_std=0.02) -> Retro:
         chunk_len=M,
         max_seq_len=128,
         retrieval=retrieval,
+        **overrides,
     )
     return Retro(cfg).eval()
 
@@ -111,6 +112,32 @@ def test_checkpoint_round_trip_identical_logits(tmp_path):
     save_model_dir(tmp_path / "dir", make(retrieval=False))
     baseline, _ = load_model_dir(tmp_path / "dir")
     assert not baseline.config.retrieval
+
+
+def test_checkpoint_from_before_the_activation_field_keeps_tanh_gelu(tmp_path):
+    """A checkpoint whose config has no ``activation`` (written before the field existed, when the MLP
+    used the tanh GELU) loads as "gelu_tanh" and reproduces the logits it was saved with."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = make(activation="gelu_tanh")
+    tokens = torch.randint(1, 40, (2, 2 * M))
+    nbrs = torch.randint(1, 40, (2, 2, 2, 2 * M))
+    path = save_checkpoint(tmp_path / "new.safetensors", model)
+    old_config = model.config.to_dict()
+    del old_config["activation"]
+    save_file(
+        load_file(str(path)),
+        str(tmp_path / "old.safetensors"),
+        metadata={"retro_config": json.dumps(old_config)},
+    )
+    loaded, _ = load_checkpoint(tmp_path / "old.safetensors")
+    assert loaded.config.activation == "gelu_tanh"
+    torch.testing.assert_close(loaded(tokens, nbrs)[0], model(tokens, nbrs)[0], atol=0, rtol=0)
+    exact = make(activation="gelu")
+    exact.load_state_dict(model.state_dict())
+    assert not torch.equal(exact(tokens, nbrs)[0], model(tokens, nbrs)[0])  # the activation matters
 
 
 def test_checkpoint_errors_are_clear(tmp_path):

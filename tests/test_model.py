@@ -320,12 +320,13 @@ def test_memory_lean_ops_match_composite():
         lin,
     )
     hidden = torch.randn(3, 5, 24, generator=g)
-    check(
-        gelu_linear,
-        lambda a, w: F.linear(F.gelu(a, approximate="tanh"), w),
-        hidden,
-        torch.randn(16, 24, generator=g),
-    )
+    for approximate in ("none", "tanh"):
+        check(
+            lambda a, w, approximate=approximate: gelu_linear(a, w, approximate),
+            lambda a, w, approximate=approximate: F.linear(F.gelu(a, approximate=approximate), w),
+            hidden,
+            torch.randn(16, 24, generator=g),
+        )
     cos, sin = rotary_tables(5, 8, 10000.0)
     qkv = torch.randn(3, 5, 3, 2, 8, generator=g)  # (B, t, 3, h, s)
 
@@ -334,6 +335,30 @@ def test_memory_lean_ops_match_composite():
         return torch.stack((apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v))
 
     check(lambda qkv: torch.stack(rotary_qkv(qkv, cos, sin)), composite, qkv)
+
+
+def test_cpu_feed_forward_in_row_pieces_equals_one_piece(monkeypatch):
+    """Splitting a CPU feed-forward into row pieces (to keep its hidden activations small) changes
+    neither its output nor its gradients."""
+    from retro_model import model as model_module
+
+    torch.manual_seed(0)
+    ff = model_module.FeedForward(16, 64, 0.0, "gelu")
+    norm = model_module.RMSNorm(16, 1e-6)
+    x = torch.randn(3, 11, 16)
+    grad = torch.randn(3, 11, 16)
+    results = []
+    for piece_elements in (10**9, 5 * 64):  # one piece; pieces of 5 rows (7 pieces, the last of 3)
+        monkeypatch.setattr(model_module, "CPU_FFN_PIECE_ELEMENTS", piece_elements)
+        ff.zero_grad()
+        inp = x.clone().requires_grad_()
+        out = ff(inp, norm=norm)
+        out.backward(grad)
+        results.append((out.detach(), inp.grad, ff.up.weight.grad.clone(), norm.weight.grad.clone()))
+        norm.weight.grad = None
+    assert results[1][0].shape == (3, 11, 16)
+    for one, pieces in zip(*results, strict=True):
+        torch.testing.assert_close(pieces, one, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_null", [True, False])
