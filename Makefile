@@ -47,6 +47,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/model_parts.py
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/pool.py
 	$(BIN)/python benchmarks/train_online.py --paired

@@ -176,7 +176,7 @@ class FeedForward(nn.Module):
         On CPU, rows are processed in pieces whose hidden activations stay under
         ``CPU_FFN_PIECE_ELEMENTS``: a larger tensor is a fresh memory map from the C allocator on every
         call, and filling it is page-fault bound (the neighbour encoder's [b*l*k*r, hidden] would be:
-        its feed-forward forward + backward is ~15% faster in 16 MB pieces at the benchmark shape).
+        its feed-forward forward + backward is 7-15% faster in 16 MB pieces at the benchmark shape).
         """
         rows = x.numel() // x.shape[-1]
         piece_rows = max(1, CPU_FFN_PIECE_ELEMENTS // self.up.out_features)

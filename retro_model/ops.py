@@ -13,8 +13,11 @@ backward pass (the step's peak memory is the activations saved by the forward pa
 - ``rms_norm_linear``: a linear layer applied to ``rms_norm(x)``, recomputing the normed x in the
   backward pass instead of keeping it beside x.
 - ``gelu_linear``: ``F.linear(gelu(a), w)`` (exact or tanh GELU) with a hand-written backward (one
-  GELU gradient kernel, no autograd bookkeeping between the two steps). It keeps ``a`` and ``gelu(a)``: recomputing ``gelu(a)``
-  in the backward pass saved ~115 MB at the benchmark shape but cost 5% of the step's time.
+  GELU gradient kernel, no autograd bookkeeping between the two steps). It keeps ``a`` and
+  ``gelu(a)``: recomputing ``gelu(a)`` in the backward pass saved ~115 MB at the benchmark shape but
+  cost 5% of the step's time.
+- ``causal_attention``: on CPU in fp32, causal self-attention from batched matmuls over 64-row query
+  blocks (faster than the CPU flash kernel of ``scaled_dot_product_attention`` at these shapes).
 """
 
 from __future__ import annotations
@@ -268,8 +271,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> T
     are taken ``CAUSAL_BLOCK`` at a time and each block reads only the keys up to its last row, so
     the masked upper triangle is skipped at 64-token granularity. Its forward + backward is ~1.3x
     faster than the CPU flash kernel of ``scaled_dot_product_attention`` at 512 tokens and head size
-    64 (benchmarks/train_step.py), at the price of keeping each block's probabilities (~9 MB per layer
-    at that shape) for the backward pass. Everything else (GPU, autocast, dropout) uses
+    64 (``benchmarks/model_parts.py``), at the price of keeping each block's probabilities (~9 MB per
+    layer at that shape) for the backward pass. Everything else (GPU, autocast, dropout) uses
     ``scaled_dot_product_attention``.
     """
     plain_cpu = q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
