@@ -289,6 +289,21 @@ def test_training_step_saves_no_logits_sized_tensor():
     assert max(saved) >= b * n * cfg.vocab_size
 
 
+def assert_same_values_and_grads(fast, slow, *inputs, generator):
+    """``fast(*inputs)`` equals ``slow(*inputs)``, and so does the gradient of every input for one
+    random output gradient -> fast's output."""
+    a = [x.clone().requires_grad_() for x in inputs]
+    b = [x.clone().requires_grad_() for x in inputs]
+    out_a, out_b = fast(*a), slow(*b)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+    grad = torch.randn(out_a.shape, generator=generator)
+    out_a.backward(grad)
+    out_b.backward(grad)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-5)
+    return out_a
+
+
 def test_memory_lean_ops_match_composite():
     """rms_norm, rms_norm_linear, rotary_qkv and gelu_linear equal their composite versions with grads."""
     from retro_model.model import apply_rotary, rotary_tables
@@ -298,15 +313,7 @@ def test_memory_lean_ops_match_composite():
     g = torch.Generator().manual_seed(0)
 
     def check(fast, slow, *inputs):
-        a = [x.clone().requires_grad_() for x in inputs]
-        b = [x.clone().requires_grad_() for x in inputs]
-        out_a, out_b = fast(*a), slow(*b)
-        torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
-        grad = torch.randn(out_a.shape, generator=g)
-        out_a.backward(grad)
-        out_b.backward(grad)
-        for x, y in zip(a, b, strict=True):
-            torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-5)
+        assert_same_values_and_grads(fast, slow, *inputs, generator=g)
 
     x = torch.randn(3, 5, 16, generator=g)
     w = torch.randn(16, generator=g)
@@ -369,21 +376,18 @@ def test_kv_heads_matches_concatenate_and_split(with_null):
     g = torch.Generator().manual_seed(1)
     kv = torch.randn(3, 7, 2 * 2 * 8, generator=g)  # (B, c, 2*dim), 2 heads of size 8
     null = torch.randn(2, 16, generator=g)
-    inputs_fast = [kv.clone().requires_grad_(), null.clone().requires_grad_()]
-    inputs_slow = [kv.clone().requires_grad_(), null.clone().requires_grad_()]
-    k, v = kv_heads(inputs_fast[0], inputs_fast[1] if with_null else None, 2)
-    ctx = inputs_slow[0]
-    if with_null:
-        ctx = torch.cat((inputs_slow[1].reshape(1, 1, 32).expand(3, 1, 32), ctx), dim=1)
-    k_ref, v_ref = ctx.view(3, -1, 2, 2, 8).permute(2, 0, 3, 1, 4)
+
+    def fast(kv, null=None):
+        return torch.stack(kv_heads(kv, null, 2))
+
+    def slow(kv, null=None):
+        if null is not None:
+            kv = torch.cat((null.reshape(1, 1, 32).expand(3, 1, 32), kv), dim=1)
+        return torch.stack(tuple(kv.view(3, -1, 2, 2, 8).permute(2, 0, 3, 1, 4)))
+
+    assert_same_values_and_grads(fast, slow, *((kv, null) if with_null else (kv,)), generator=g)
+    k, v = kv_heads(kv, null if with_null else None, 2)
     assert k.shape == (3, 2, 7 + with_null, 8) and k.is_contiguous() and v.is_contiguous()
-    torch.testing.assert_close(torch.stack((k, v)), torch.stack((k_ref, v_ref)))
-    grad = torch.randn(2, *k.shape, generator=g)
-    (torch.stack((k, v)) * grad).sum().backward()
-    (torch.stack((k_ref, v_ref)) * grad).sum().backward()
-    torch.testing.assert_close(inputs_fast[0].grad, inputs_slow[0].grad)
-    if with_null:
-        torch.testing.assert_close(inputs_fast[1].grad, inputs_slow[1].grad)
 
 
 @pytest.mark.parametrize("length", [1, 40, 64, 150, 256])
@@ -394,21 +398,16 @@ def test_blocked_causal_attention_matches_sdpa(length):
 
     assert CAUSAL_BLOCK == 64
     g = torch.Generator().manual_seed(length)
-    # q, k, v as the model passes them: (B, h, t, s) slices of one tensor
-    qkv = torch.randn(3, 2, 3, length, 16, generator=g)
-    fast = [x.clone().requires_grad_() for x in qkv]
-    slow = [x.clone().requires_grad_() for x in qkv]
-    out_fast = causal_attention(*fast)
-    out_slow = torch.nn.functional.scaled_dot_product_attention(*slow, is_causal=True)
-    torch.testing.assert_close(out_fast, out_slow, rtol=1e-5, atol=1e-6)
-    grad = torch.randn(out_fast.shape, generator=g)
-    out_fast.backward(grad)
-    out_slow.backward(grad)
-    for a, b in zip(fast, slow, strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
-    assert out_fast.grad_fn.name().startswith("_BlockCausalAttention")
+    q, k, v = torch.randn(3, 2, 3, length, 16, generator=g)  # each (B, h, t, s)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    out = assert_same_values_and_grads(causal_attention, sdpa, q, k, v, generator=g)
+    assert out.grad_fn.name().startswith("_BlockCausalAttention")
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not causal_attention(*fast).grad_fn.name().startswith("_BlockCausalAttention")
+        assert not causal_attention(*inputs).grad_fn.name().startswith("_BlockCausalAttention")
 
 
 @pytest.mark.parametrize(
