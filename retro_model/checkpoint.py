@@ -59,7 +59,9 @@ def read_checkpoint_metadata(path: str | Path) -> tuple[RetroConfig, dict[str, A
     if "retro_config" not in metadata:
         raise ValueError(f"checkpoint {path} has no retro_config metadata: not written by save_checkpoint")
     values = json.loads(metadata["retro_config"])
-    values.setdefault("activation", "gelu_tanh")  # written before the field existed: tanh GELU then
+    # fields added after checkpoints were written: those checkpoints used what the field's value names
+    values.setdefault("activation", "gelu_tanh")
+    values.setdefault("cross_positions", "none")
     return RetroConfig.from_dict(values), json.loads(metadata.get("extra", "{}"))
 
 

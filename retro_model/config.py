@@ -33,6 +33,13 @@ def paper_cca_layers(n_layers: int) -> tuple[int, ...]:
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 """Feed-forward activation name -> the ``approximate`` argument of ``torch.nn.functional.gelu``."""
 
+CROSS_POSITIONS = ("none", "relative", "rotary")
+"""Position schemes of the two cross-attentions (decoder chunk -> neighbours, neighbour -> its chunk):
+"none": content only (every checkpoint written before ``RetroConfig.cross_positions`` existed);
+"relative": a learned bias per head and relative distance between query and key token, zero at
+initialisation, so content matching is untouched until a distance proves useful;
+"rotary": rotary position embeddings on half of the heads (the other half stay content-only)."""
+
 
 @dataclass
 class RetroConfig:
@@ -67,6 +74,10 @@ class RetroConfig:
     activation: str = "gelu"
     """Feed-forward activation: "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation, which
     checkpoints written before this field existed use)."""
+    cross_positions: str = "relative"
+    """How the cross-attentions see token positions: one of ``CROSS_POSITIONS``. Query token i of chunk
+    u's attending window sits at position m-1+i relative to chunk u, neighbour token j at position j of
+    its neighbour, so an aligned copy is a fixed relative distance away."""
     dropout: float = 0.0
     """Dropout probability in attention outputs and feed-forward blocks."""
     tie_embeddings: bool = True
@@ -122,6 +133,15 @@ class RetroConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"RetroConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.cross_positions not in CROSS_POSITIONS:
+            raise ValueError(
+                f"RetroConfig.cross_positions must be one of {list(CROSS_POSITIONS)}, got {self.cross_positions!r}"
+            )
+        if self.cross_positions == "rotary" and (self.n_heads < 2 or self.enc_heads < 2):
+            raise ValueError(
+                'RetroConfig.cross_positions="rotary" puts rotary positions on half of the heads: '
+                "n_heads and enc_n_heads must be >= 2"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RetroConfig.dropout must be in [0, 1), got {self.dropout}")

@@ -116,14 +116,44 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(bsz, t, dim))
 
 
+@dataclass
+class CrossPositions:
+    """Token positions of a cross-attention's queries [t] and keys [c] (int64), for its position scheme.
+
+    ``offset`` makes ``key - query + offset`` a valid index into a table of ``num_distances`` relative
+    distances (``config.cross_positions == "relative"``).
+    """
+
+    query: Tensor
+    key: Tensor
+    offset: int
+    num_distances: int
+
+    def distance_index(self) -> Tensor:
+        """[t, c] index of each (query, key) pair's relative distance."""
+        return (self.key[None, :] - self.query[:, None] + self.offset).clamp(0, self.num_distances - 1)
+
+
 class CrossAttention(nn.Module):
     """Multi-head cross-attention from queries [B, t, dim] to a context [B, c, ctx_dim].
 
     With ``null_kv`` a learned key/value is prepended to every context, so a query whose context is all
-    padding attends to it (and its output stays finite) instead of to nothing.
+    padding attends to it (and its output stays finite) instead of to nothing. ``positions`` (one of
+    ``CROSS_POSITIONS``) adds position information to the attention scores: "relative" a learned bias
+    per head and relative distance (``num_distances`` of them), "rotary" rotary embeddings on the first
+    half of the heads (tables ``cos``/``sin`` passed to ``forward``).
     """
 
-    def __init__(self, dim: int, ctx_dim: int, heads: int, dropout: float, null_kv: bool):
+    def __init__(
+        self,
+        dim: int,
+        ctx_dim: int,
+        heads: int,
+        dropout: float,
+        null_kv: bool,
+        positions: str = "none",
+        num_distances: int = 0,
+    ):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim, bias=False)
@@ -131,6 +161,8 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.dropout = dropout
         self.null_kv = nn.Parameter(torch.zeros(2, dim)) if null_kv else None
+        self.positions = positions
+        self.rel_bias = nn.Parameter(torch.zeros(heads, num_distances)) if positions == "relative" else None
 
     def forward(
         self,
@@ -138,18 +170,37 @@ class CrossAttention(nn.Module):
         context: Tensor,
         context_mask: Tensor | None = None,
         norm: RMSNorm | None = None,
+        pos: CrossPositions | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x [B, t, dim], context [B, c, ctx_dim], context_mask [B, c] (True = attend) -> [B, t, dim].
 
         ``norm`` is applied to x first (pre-norm), without keeping the normed x for the backward pass.
+        ``pos`` (query and key positions) is required unless ``positions == "none"``; ``rotary`` the
+        cos/sin tables [>= max position + 1, s/2] for "rotary".
         """
         bsz, t, dim = x.shape
         s = dim // self.heads
         q = project(x, self.q, norm).view(bsz, t, self.heads, s).transpose(1, 2)  # (B, h, t, s)
         k, v = kv_heads(self.kv(context), self.null_kv, self.heads)  # each (B, h, c', s), c' = [1 +] c
-        if self.null_kv is not None and context_mask is not None:
-            context_mask = F.pad(context_mask, (1, 0), value=True)
-        mask = None if context_mask is None else context_mask[:, None, None, :]
+        first = 0 if self.null_kv is None else 1  # the null key has no position
+        bias = None
+        if self.positions == "rotary":
+            cos, sin = rotary
+            half = self.heads // 2
+            q = torch.cat((apply_rotary(q[:, :half], cos[pos.query], sin[pos.query]), q[:, half:]), 1)
+            k_pos = apply_rotary(k[:, :half, first:], cos[pos.key], sin[pos.key])
+            k = torch.cat((torch.cat((k[:, :half, :first], k_pos), 2), k[:, half:]), 1)
+        elif self.positions == "relative":
+            bias = self.rel_bias[:, pos.distance_index()]  # (h, t, c)
+            bias = F.pad(bias, (first, 0)).to(q.dtype)[None]  # (1, h, t, c')
+        if context_mask is not None:
+            if self.null_kv is not None:
+                context_mask = F.pad(context_mask, (1, 0), value=True)
+            mask = context_mask[:, None, None, :]  # (B, 1, 1, c')
+            if bias is not None:
+                bias = bias.masked_fill(~mask, float("-inf"))  # (B, h, t, c')
+        mask = bias if bias is not None else (None if context_mask is None else mask)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -199,7 +250,15 @@ class EncoderLayer(nn.Module):
         self.norm_attn = RMSNorm(e, config.norm_eps)
         self.attn = SelfAttention(e, config.enc_heads, config.dropout)
         self.norm_cross = RMSNorm(e, config.norm_eps)
-        self.cross = CrossAttention(e, config.d_model, config.enc_heads, config.dropout, null_kv=False)
+        self.cross = CrossAttention(
+            e,
+            config.d_model,
+            config.enc_heads,
+            config.dropout,
+            null_kv=False,
+            positions=config.cross_positions,
+            num_distances=config.retrieved_len + config.chunk_len - 1,
+        )
         self.norm_ff = RMSNorm(e, config.norm_eps)
         self.ff = FeedForward(e, config.enc_ff_width, config.dropout, config.activation)
 
@@ -211,14 +270,20 @@ class EncoderLayer(nn.Module):
         cos: Tensor,
         sin: Tensor,
         key_mask: Tensor | None,
+        pos: CrossPositions | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """x [b*l*k, r, e], chunk_hidden [b*l, m, d] (already normed), key_mask [b*l*k, r] -> [b*l*k, r, e]."""
+        """x [b*l*k, r, e], chunk_hidden [b*l, m, d] (already normed), key_mask [b*l*k, r] -> [b*l*k, r, e].
+
+        ``pos``/``rotary``: positions of the k*r neighbour tokens (queries) and m chunk tokens (keys).
+        """
         x = x + self.attn(x, cos, sin, causal=False, key_mask=key_mask, norm=self.norm_attn)
         bl_k, r, e = x.shape
         # All k neighbours of a chunk attend to the same chunk: fold k into the query axis instead of
         # repeating the chunk k times.
         queries = x.view(bl_k // k, k * r, e)  # (b*l, k*r, e)
-        x = x + self.cross(queries, chunk_hidden, norm=self.norm_cross).view(bl_k, r, e)
+        cross = self.cross(queries, chunk_hidden, norm=self.norm_cross, pos=pos, rotary=rotary)
+        x = x + cross.view(bl_k, r, e)
         return x + self.ff(x, norm=self.norm_ff)
 
 
@@ -233,7 +298,15 @@ class DecoderLayer(nn.Module):
         self.has_cca = has_cca
         if has_cca:
             self.norm_cca = RMSNorm(d, config.norm_eps)
-            self.cca = CrossAttention(d, config.enc_width, config.n_heads, config.dropout, null_kv=True)
+            self.cca = CrossAttention(
+                d,
+                config.enc_width,
+                config.n_heads,
+                config.dropout,
+                null_kv=True,
+                positions=config.cross_positions,
+                num_distances=config.retrieved_len + config.chunk_len - 1,
+            )
         self.norm_ff = RMSNorm(d, config.norm_eps)
         self.ff = FeedForward(d, config.ff_width, config.dropout, config.activation)
 
@@ -256,7 +329,7 @@ class DecodeCache:
     cond_hidden: Tensor | None = None
     """Normed hidden states [b, length, d] at the input of the first CCA layer (encoder conditioning)."""
     encoded: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
-    """chunk index -> (encoded neighbours [b, k*r, e], key mask [b, k*r] or None)."""
+    """chunk index -> (encoded neighbours [b, k, r, e], key mask [b, k*r] or None)."""
 
 
 class Retro(nn.Module):
@@ -285,6 +358,12 @@ class Retro(nn.Module):
             enc_cos, enc_sin = rotary_tables(config.retrieved_len, e // config.enc_heads, config.rope_base)
             self.register_buffer("enc_cos", enc_cos, persistent=False)
             self.register_buffer("enc_sin", enc_sin, persistent=False)
+            if config.cross_positions == "rotary":  # decoder-head-size tables for CCA positions < r + m
+                cca_cos, cca_sin = rotary_tables(
+                    config.retrieved_len + config.chunk_len, d // config.n_heads, config.rope_base
+                )
+                self.register_buffer("cca_cos", cca_cos, persistent=False)
+                self.register_buffer("cca_sin", cca_sin, persistent=False)
         cos, sin = rotary_tables(config.max_seq_len, d // config.n_heads, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -319,11 +398,24 @@ class Retro(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
+    def _cca_positions(self, k: int, r: int, window_offsets: Tensor) -> CrossPositions:
+        """Positions for chunked cross-attention: query i of an attending window (``window_offsets``,
+        0..m-1) sits m-1+i tokens after the start of the chunk that retrieved; neighbour token j at j."""
+        m = self.config.chunk_len
+        keys = torch.arange(k * r, device=window_offsets.device) % r
+        return CrossPositions(window_offsets + m - 1, keys, offset=2 * m - 2, num_distances=r + m - 1)
+
+    def _encoder_positions(self, k: int, r: int, device: torch.device) -> CrossPositions:
+        """Positions for the encoder's cross-attention: neighbour token j (query) at j, chunk token i at i."""
+        queries = torch.arange(k * r, device=device) % r
+        keys = torch.arange(self.config.chunk_len, device=device)
+        return CrossPositions(queries, keys, offset=r - 1, num_distances=r + self.config.chunk_len - 1)
+
     def encode_neighbors(self, neighbors: Tensor, chunk_hidden: Tensor) -> tuple[Tensor, Tensor | None]:
         """Encode neighbours conditioned on their retrieving chunks.
 
         neighbors [B, k, r] token ids (B = b*l chunks), chunk_hidden [B, m, d] (normed decoder states of
-        each chunk) -> (encoded [B, k*r, e], key mask [B, k*r] with True = real token, or None if no
+        each chunk) -> (encoded [B, k, r, e], key mask [B, k*r] with True = real token, or None if no
         padding).
         """
         cfg = self.config
@@ -337,16 +429,28 @@ class Retro(nn.Module):
             key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
         x = self.enc_in(self.embed(flat))  # (B*k, r, e)
         cos, sin = self.enc_cos[:r], self.enc_sin[:r]
+        pos = self._encoder_positions(k, r, flat.device)
         for layer in self.encoder:
-            x = layer(x, chunk_hidden, k, cos, sin, key_mask)
-        x = self.enc_norm(x).view(bsz, k * r, -1)  # (B, k*r, e)
+            x = layer(x, chunk_hidden, k, cos, sin, key_mask, pos=pos, rotary=(cos, sin))
+        x = self.enc_norm(x).view(bsz, k, r, -1)  # (B, k, r, e)
         cca_mask = None if key_mask is None else is_real.view(bsz, k * r)
         return x, cca_mask
+
+    def _cca(
+        self, layer: DecoderLayer, x: Tensor, encoded: Tensor, mask: Tensor | None, window_offsets: Tensor
+    ) -> Tensor:
+        """One CCA layer for queries x [B, t, d] at ``window_offsets`` [t] of their attending windows,
+        reading encoded neighbours [B, k, r, e] (mask [B, k*r] or None) -> [B, t, d]."""
+        bsz, k, r, e = encoded.shape
+        pos = self._cca_positions(k, r, window_offsets)
+        rotary = (self.cca_cos, self.cca_sin) if self.config.cross_positions == "rotary" else None
+        context = encoded.view(bsz, k * r, e)  # (B, k*r, e)
+        return layer.cca(x, context, mask, norm=layer.norm_cca, pos=pos, rotary=rotary)
 
     def _chunked_cross_attention(
         self, layer: DecoderLayer, h: Tensor, encoded: Tensor, cca_mask: Tensor | None
     ) -> Tensor:
-        """The CCA residual for h [b, n, d] given encoded neighbours [b*l, k*r, e] of l chunks.
+        """The CCA residual for h [b, n, d] given encoded neighbours [b*l, k, r, e] of l chunks.
 
         Tokens m-1 .. m-1 + l*m - 1 (shifted by chunk_len - 1) form l attending windows of m tokens;
         window u attends to chunk u's neighbours. Tokens before m-1 get no CCA (zero residual).
@@ -357,7 +461,7 @@ class Retro(nn.Module):
         window = h[:, m - 1 : m - 1 + num_chunks * m]  # (b, <= l*m, d)
         used = window.shape[1]
         window = F.pad(window, (0, 0, 0, num_chunks * m - used)).reshape(b * num_chunks, m, d)  # (b*l, m, d)
-        out = layer.cca(window, encoded, cca_mask, norm=layer.norm_cca)  # (b*l, m, d)
+        out = self._cca(layer, window, encoded, cca_mask, torch.arange(m, device=h.device))  # (b*l, m, d)
         out = out.view(b, num_chunks * m, d)[:, :used]
         return F.pad(out, (0, 0, m - 1, n - (m - 1) - used))  # (b, n, d)
 
@@ -466,7 +570,8 @@ class Retro(nn.Module):
                         continue
                     sel = (attended_chunk == u).nonzero().squeeze(1)
                     encoded, mask = cache.encoded[u]
-                    residual[:, sel] = layer.cca(layer.norm_cca(h[:, sel]), encoded, mask)
+                    offsets = positions[sel] - ((u + 1) * m - 1)  # offsets within chunk u's window
+                    residual[:, sel] = self._cca(layer, h[:, sel], encoded, mask, offsets)
                 h = h + residual
             h = h + layer.ff(layer.norm_ff(h))
         cache.length = end
