@@ -384,14 +384,17 @@ class Retro(nn.Module):
         return total - self.embed.weight.numel() if exclude_embeddings else total
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay for matrices of linear layers; none for norms, embeddings and null kv."""
+        """AdamW groups: decay for matrices of linear layers; none for norms, embeddings, null kv and
+        position biases."""
         decay, no_decay = [], []
         seen: set[int] = set()
         for name, p in self.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            is_matrix = p.dim() == 2 and not name.startswith("embed") and "null_kv" not in name
+            is_matrix = (
+                p.dim() == 2 and not name.startswith("embed") and not name.endswith(("null_kv", "rel_bias"))
+            )
             (decay if is_matrix else no_decay).append(p)
         return [
             {"params": decay, "weight_decay": weight_decay},

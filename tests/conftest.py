@@ -10,6 +10,7 @@
   shard, Flat index, MLflow run in ``<work_dir>/mlflow.db``). Treat it as read-only: copy
   ``config.db_path`` into ``tmp_path`` before re-building or damaging it.
 * ``debug_config(work_dir, *overrides)``: the debug preset with everything under ``work_dir``.
+* ``randomise_position_biases(model)``: random values for the cross-attentions' relative biases.
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ def debug_config(work_dir, *overrides: str):
     from retro_platform.config import load_config
 
     return load_config("debug", [f"work_dir={work_dir}", *overrides])
+
+
+def randomise_position_biases(model) -> None:
+    """Give a Retro model's relative-position biases (zero at initialisation) random values, so tests
+    comparing two code paths also compare how each applies them."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("rel_bias"):
+                p.normal_(0.0, 1.0)
 
 
 @pytest.fixture(scope="session")

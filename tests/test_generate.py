@@ -1,9 +1,12 @@
 """Generation: cached decoding equals full recomputation; retrieval is called once per completed chunk."""
 
+import pytest
 import torch
+from conftest import randomise_position_biases
 
 from retro_model import RetroConfig
 from retro_model.checkpoint import load_checkpoint, load_model_dir, save_checkpoint, save_model_dir
+from retro_model.config import CROSS_POSITIONS
 from retro_model.generate import generate, sample_next
 from retro_model.model import Retro
 
@@ -25,7 +28,9 @@ def make(retrieval=True, init_std=0.02, **overrides) -> Retro:
         retrieval=retrieval,
         **overrides,
     )
-    return Retro(cfg).eval()
+    model = Retro(cfg).eval()
+    randomise_position_biases(model)
+    return model
 
 
 class Retriever:
@@ -43,8 +48,9 @@ class Retriever:
         )
 
 
-def test_cached_greedy_equals_uncached():
-    model = make()
+@pytest.mark.parametrize("cross_positions", CROSS_POSITIONS)
+def test_cached_greedy_equals_uncached(cross_positions):
+    model = make(cross_positions=cross_positions)
     prompt = torch.randint(1, 40, (11,), generator=torch.Generator().manual_seed(3))
     cached = generate(model, prompt, 40, retrieve=Retriever(model.config), use_cache=True)
     uncached = generate(model, prompt, 40, retrieve=Retriever(model.config), use_cache=False)
@@ -52,8 +58,9 @@ def test_cached_greedy_equals_uncached():
     assert len(cached) == 51
 
 
-def test_incremental_logits_match_full_forward():
-    model = make()
+@pytest.mark.parametrize("cross_positions", CROSS_POSITIONS)
+def test_incremental_logits_match_full_forward(cross_positions):
+    model = make(cross_positions=cross_positions)
     cfg = model.config
     tokens = torch.randint(1, 40, (1, 3 * M + 5))
     nbrs = torch.randint(1, 40, (1, 3, cfg.num_neighbors, cfg.retrieved_len))
@@ -114,30 +121,34 @@ def test_checkpoint_round_trip_identical_logits(tmp_path):
     assert not baseline.config.retrieval
 
 
-def test_checkpoint_from_before_the_activation_field_keeps_tanh_gelu(tmp_path):
-    """A checkpoint whose config has no ``activation`` (written before the field existed, when the MLP
-    used the tanh GELU) loads as "gelu_tanh" and reproduces the logits it was saved with."""
+def test_checkpoint_from_before_later_fields_keeps_their_old_behaviour(tmp_path):
+    """A checkpoint whose config lacks fields added later (``activation``: the MLP used the tanh GELU;
+    ``cross_positions``: the cross-attentions had no positions) loads with the values naming that old
+    behaviour and reproduces the logits it was saved with."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    model = make(activation="gelu_tanh")
+    model = make(activation="gelu_tanh", cross_positions="none")
     tokens = torch.randint(1, 40, (2, 2 * M))
     nbrs = torch.randint(1, 40, (2, 2, 2, 2 * M))
     path = save_checkpoint(tmp_path / "new.safetensors", model)
     old_config = model.config.to_dict()
-    del old_config["activation"]
+    del old_config["activation"], old_config["cross_positions"]
     save_file(
         load_file(str(path)),
         str(tmp_path / "old.safetensors"),
         metadata={"retro_config": json.dumps(old_config)},
     )
     loaded, _ = load_checkpoint(tmp_path / "old.safetensors")
-    assert loaded.config.activation == "gelu_tanh"
+    assert (loaded.config.activation, loaded.config.cross_positions) == ("gelu_tanh", "none")
     torch.testing.assert_close(loaded(tokens, nbrs)[0], model(tokens, nbrs)[0], atol=0, rtol=0)
-    exact = make(activation="gelu")
+    exact = make(activation="gelu", cross_positions="none")
     exact.load_state_dict(model.state_dict())
     assert not torch.equal(exact(tokens, nbrs)[0], model(tokens, nbrs)[0])  # the activation matters
+    relative = make(activation="gelu_tanh", cross_positions="relative")
+    missing, _ = relative.load_state_dict(model.state_dict(), strict=False)
+    assert missing and all(name.endswith("rel_bias") for name in missing)  # the scheme has weights
 
 
 def test_checkpoint_errors_are_clear(tmp_path):

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from conftest import randomise_position_biases
 
 from retro_model import RetroConfig
+from retro_model.config import CROSS_POSITIONS
 from retro_model.model import Retro
 
 M = 8  # chunk length of the tiny test models
@@ -54,10 +56,12 @@ def test_output_shapes(b, n, k, r):
     assert loss is not None and loss.ndim == 0 and torch.isfinite(loss)
 
 
-def test_causal_in_tokens_and_neighbors_for_every_position():
+@pytest.mark.parametrize("cross_positions", CROSS_POSITIONS)
+def test_causal_in_tokens_and_neighbors_for_every_position(cross_positions):
     """Changing tokens after t, or neighbours t must not see, leaves logits at <= t unchanged."""
-    cfg = tiny_config()
+    cfg = tiny_config(cross_positions=cross_positions)
     model = make_model(cfg)
+    randomise_position_biases(model)
     b, n = 2, 4 * M + 3  # several chunks and a partial last chunk
     tokens, neighbors = random_inputs(cfg, b, n)
     base, _ = model(tokens, neighbors)
