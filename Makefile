@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 PEERS_VENV ?= $(abspath ../peers-venv)
 PEERS_PYTHON ?= python3.11
 
-.PHONY: install demo test test-fast test-reliability lint format bench bench-peers peers-venv clean
+.PHONY: install demo test test-fast test-reliability lint format bench bench-retrieval bench-peers peers-venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pool.py
 	$(BIN)/python benchmarks/train_online.py --paired
 	$(BIN)/python benchmarks/generate.py
+
+# RETRO vs the baseline end to end (build, Ray Train, evaluation) on a mirrored and the natural corpus,
+# 2 seeds each: long on 2 cores, so neither in `make bench` nor in `make test`. Tables are appended to
+# benchmarks/RESULTS-retrieval.md. Override the sizes with BENCH_RETRIEVAL_ARGS="...".
+BENCH_RETRIEVAL_ARGS ?= --config wiki-full --corpus mirrored natural --seeds 0 1
+
+bench-retrieval: $(STAMP)
+	$(BIN)/python benchmarks/retrieval_gain.py $(BENCH_RETRIEVAL_ARGS)
 
 $(PEERS_VENV)/.installed:
 	$(PEERS_PYTHON) -m venv $(PEERS_VENV)

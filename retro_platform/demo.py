@@ -34,12 +34,18 @@ DEMO_PROMPT = (
 """The factual prompt of the demo's generation: longer than one chunk, so retrieval runs on it."""
 
 
-def variant(config: PlatformConfig, kind: str, comparison: str) -> PlatformConfig:
-    """The RETRO or baseline run of one comparison (same data, same decoder)."""
+def variant(config: PlatformConfig, kind: str, comparison: str, label: str | None = None) -> PlatformConfig:
+    """The RETRO or baseline run of one comparison (same data, same decoder).
+
+    ``kind`` ('retro' or anything else for the baseline) sets ``model.retrieval``; the run is named
+    ``<train.name>-<label>`` (``label`` defaults to ``kind``; give another one for a second run of the
+    same kind, e.g. a baseline trained for more steps).
+    """
+    label = label or kind
     model = dataclasses.replace(config.model, retrieval=kind == "retro")
-    train = dataclasses.replace(config.train, name=f"{config.train.name}-{kind}")
+    train = dataclasses.replace(config.train, name=f"{config.train.name}-{label}")
     tracking = dataclasses.replace(
-        config.tracking, comparison=comparison, run_name=f"{config.train.name}-{kind}"
+        config.tracking, comparison=comparison, run_name=f"{config.train.name}-{label}"
     )
     return dataclasses.replace(config, model=model, train=train, tracking=tracking)
 
