@@ -1,4 +1,8 @@
-"""`retro compare`: the training runs of an MLflow experiment side by side, and their valid curves."""
+"""`retro compare`: the training runs of an MLflow experiment side by side, and their valid curves.
+
+A second table, when runs have been through `retro eval`, shows their bits per byte per overlap bucket
+(how much of each valid chunk its retrieved neighbours already contain, ``retro_platform.overlap``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from retro_platform import tracking
 from retro_platform.config import PlatformConfig
 from retro_platform.errors import RetroError
+from retro_platform.overlap import BUCKETS
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines)
 
 
+def format_overlap_table(rows: list[dict]) -> str | None:
+    """Bits per byte per overlap bucket (rows) of every run that has them (columns), or None if none has.
+
+    Per run: the scored tokens of each bucket, then bpb with retrieval (RETRO runs) and without.
+    """
+    runs = [row for row in rows if f"eval_valid_tokens_overlap_{BUCKETS[0]}" in row["metrics"]]
+    if not runs:
+        return None
+    columns = []  # (header, run row, metric key)
+    for row in runs:
+        columns.append((f"{row['run']} tokens", row, "eval_valid_tokens_overlap_{}"))
+        for label in ("retrieval", "no_retrieval"):
+            if any(k.startswith(f"eval_valid_bpb_{label}_overlap_") for k in row["metrics"]):
+                header = f"{row['run']} bpb ({label.replace('_', ' ')})"
+                columns.append((header, row, f"eval_valid_bpb_{label}_overlap_{{}}"))
+    lines = [["overlap", *[header for header, _, _ in columns]]]
+    for bucket in BUCKETS:
+        values = [bucket]
+        for _, row, key in columns:
+            value = row["metrics"].get(key.format(bucket))
+            values.append("-" if value is None else f"{value:.0f}" if "tokens" in key else f"{value:.4f}")
+        lines.append(values)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
 def plot_curves(rows: list[dict], path: Path) -> Path:
     """Train-loss and valid-bpb curves of every run in one PNG."""
     import matplotlib
@@ -103,9 +136,13 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
 def compare_experiment(
     config: PlatformConfig, experiment: str | None = None, comparison: str | None = None
 ) -> list[dict]:
-    """Print the comparison table, write the curves PNG and log both to a `compare` run."""
+    """Print the comparison table (and the overlap table when runs have one), write the curves PNG and
+    log both to a `compare` run."""
     rows = comparison_rows(config, experiment, comparison)
     table = format_table(rows)
+    overlap = format_overlap_table(rows)
+    if overlap is not None:
+        table += "\n\nvalid bits per byte by overlap of each chunk with its retrieved neighbours\n" + overlap
     print(table)
     png = plot_curves(
         rows, Path(config.work_dir) / "compare" / f"{experiment or config.tracking.experiment}.png"

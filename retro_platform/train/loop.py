@@ -84,35 +84,65 @@ def evaluate_model(
     mode: str | None,
     device: torch.device,
     amp: bool,
+    per_token: Any = None,
+    max_logits: int = 2**26,
 ) -> dict[str, float]:
     """Valid loss / bits-per-byte with retrieval (when the model has it and ``mode`` is set) and off.
 
     -> ``valid_loss_retrieval``, ``valid_bpb_retrieval`` (RETRO only), ``valid_loss_no_retrieval``,
-    ``valid_bpb_no_retrieval``; losses are token-weighted means in nats.
+    ``valid_bpb_no_retrieval``; losses are token-weighted means in nats. Each batch is fetched once
+    and scored in both settings (the same chunks; retrieval off = neighbours removed).
+
+    ``per_token`` (optional) is called as ``per_token(label, batch, losses)`` for every batch and
+    setting (``label`` "retrieval" / "no_retrieval"), with ``losses`` [b, n] the per-position loss in
+    nats (0 where not scored), computed from the logits ``max_logits`` elements at a time instead of
+    the chunked mean. With it, batches carry neighbours from ``mode`` even for the baseline (which
+    never reads them), so the callback can relate losses to them (``retro_platform.overlap``).
     """
     was_training = model.training
     model.eval()
     results: dict[str, float] = {}
-    settings = [("no_retrieval", None)]
+    settings = ["no_retrieval"]
     if model.config.retrieval and mode is not None:
-        settings.insert(0, ("retrieval", mode))
-    for label, setting in settings:
-        loss_sum = tokens = nbytes = 0.0
-        for sequence_ids in batches:
-            batch = source.batch(sequence_ids, setting, pool)
-            t = to_tensors(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                _, loss = model(
-                    t["tokens"],
-                    t["neighbors"],
-                    targets=t["targets"],
-                    loss_mask=t["loss_mask"],
-                    return_logits=False,
-                )
-            n = int(batch.loss_mask.sum())
-            loss_sum += float(loss) * n
-            tokens += n
-            nbytes += batch.target_bytes
+        settings.insert(0, "retrieval")
+    fetch = mode if "retrieval" in settings or per_token is not None else None
+    sums = {label: [0.0, 0, 0] for label in settings}  # summed loss (nats), scored tokens, target bytes
+    for sequence_ids in batches:
+        batch = source.batch(sequence_ids, fetch, pool)
+        t = to_tensors(batch, device)
+        for label in settings:
+            neighbors = t["neighbors"] if label == "retrieval" else None
+            if per_token is None:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    _, loss = model(
+                        t["tokens"],
+                        neighbors,
+                        targets=t["targets"],
+                        loss_mask=t["loss_mask"],
+                        return_logits=False,
+                    )
+                loss_sum = float(loss) * int(batch.loss_mask.sum())
+            else:
+                b, n = batch.tokens.shape
+                rows = max(1, max_logits // (n * model.config.vocab_size))  # rows whose logits fit
+                ignore = (t["targets"] == model.config.pad_id) | (t["loss_mask"] == 0)  # (b, n)
+                losses = torch.zeros(b, n, dtype=torch.float32, device=device)
+                for start in range(0, b, rows):
+                    part = slice(start, start + rows)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        logits, _ = model(t["tokens"][part], None if neighbors is None else neighbors[part])
+                    losses[part] = torch.nn.functional.cross_entropy(
+                        logits.float().transpose(1, 2),  # (rows, V, n)
+                        t["targets"][part].masked_fill(ignore[part], 0),
+                        reduction="none",
+                    ).masked_fill(ignore[part], 0.0)
+                token_losses = losses.double().cpu().numpy()
+                per_token(label, batch, token_losses)
+                loss_sum = float(token_losses.sum())
+            sums[label][0] += loss_sum
+            sums[label][1] += int(batch.loss_mask.sum())
+            sums[label][2] += batch.target_bytes
+    for label, (loss_sum, tokens, nbytes) in sums.items():
         results[f"valid_loss_{label}"] = loss_sum / max(1, tokens)
         results[f"valid_bpb_{label}"] = bits_per_byte(loss_sum, int(nbytes))
     model.train(was_training)
