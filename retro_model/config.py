@@ -78,6 +78,9 @@ class RetroConfig:
     """How the cross-attentions see token positions: one of ``CROSS_POSITIONS``. Query token i of chunk
     u's attending window sits at position m-1+i relative to chunk u, neighbour token j at position j of
     its neighbour, so an aligned copy is a fixed relative distance away."""
+    cross_position_init: str = "aligned"
+    """Initial relative-position biases (``cross_positions="relative"``): "zero", or "aligned" (half
+    of the heads start peaked on the aligned neighbour token; ``retro_model.model.aligned_prior``)."""
     dropout: float = 0.0
     """Dropout probability in attention outputs and feed-forward blocks."""
     tie_embeddings: bool = True
@@ -137,6 +140,10 @@ class RetroConfig:
         if self.cross_positions not in CROSS_POSITIONS:
             raise ValueError(
                 f"RetroConfig.cross_positions must be one of {list(CROSS_POSITIONS)}, got {self.cross_positions!r}"
+            )
+        if self.cross_position_init not in ("zero", "aligned"):
+            raise ValueError(
+                f'RetroConfig.cross_position_init must be "zero" or "aligned", got {self.cross_position_init!r}'
             )
         if self.cross_positions == "rotary" and (self.n_heads < 2 or self.enc_heads < 2):
             raise ValueError(

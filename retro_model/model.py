@@ -134,6 +134,24 @@ class CrossPositions:
         return (self.key[None, :] - self.query[:, None] + self.offset).clamp(0, self.num_distances - 1)
 
 
+def aligned_prior(heads: int, num_distances: int, aligned_distance: int | None) -> Tensor:
+    """Initial relative-position biases [heads, num_distances]: zero, or with ``aligned_distance`` an
+    ALiBi-style ramp -slope * |distance - aligned| on the first half of the heads (slopes 1, 1/4,
+    1/16, ...), the others zero (content only).
+
+    A neighbour that is a copy of the text holds the token a query predicts at a fixed distance (its
+    continuation, aligned with the next chunk). With uniform attention over k*r keys the value path
+    never sees that token often enough to learn to copy it, and the biases get no signal until it does;
+    starting half of the heads near the aligned key breaks that deadlock, and the biases stay learned.
+    """
+    bias = torch.zeros(heads, num_distances)
+    if aligned_distance is not None:
+        distance = (torch.arange(num_distances) - aligned_distance).abs().float()
+        for head in range(max(1, heads // 2)):
+            bias[head] = -distance * 4.0**-head
+    return bias
+
+
 class CrossAttention(nn.Module):
     """Multi-head cross-attention from queries [B, t, dim] to a context [B, c, ctx_dim].
 
@@ -141,7 +159,8 @@ class CrossAttention(nn.Module):
     padding attends to it (and its output stays finite) instead of to nothing. ``positions`` (one of
     ``CROSS_POSITIONS``) adds position information to the attention scores: "relative" a learned bias
     per head and relative distance (``num_distances`` of them), "rotary" rotary embeddings on the first
-    half of the heads (tables ``cos``/``sin`` passed to ``forward``).
+    half of the heads (tables ``cos``/``sin`` passed to ``forward``). ``aligned_distance`` (the distance
+    index of the key aligned with a query) starts the relative biases from ``aligned_prior``.
     """
 
     def __init__(
@@ -153,6 +172,7 @@ class CrossAttention(nn.Module):
         null_kv: bool,
         positions: str = "none",
         num_distances: int = 0,
+        aligned_distance: int | None = None,
     ):
         super().__init__()
         self.heads = heads
@@ -162,7 +182,9 @@ class CrossAttention(nn.Module):
         self.dropout = dropout
         self.null_kv = nn.Parameter(torch.zeros(2, dim)) if null_kv else None
         self.positions = positions
-        self.rel_bias = nn.Parameter(torch.zeros(heads, num_distances)) if positions == "relative" else None
+        self.rel_bias = None
+        if positions == "relative":
+            self.rel_bias = nn.Parameter(aligned_prior(heads, num_distances, aligned_distance))
 
     def forward(
         self,
@@ -258,6 +280,8 @@ class EncoderLayer(nn.Module):
             null_kv=False,
             positions=config.cross_positions,
             num_distances=config.retrieved_len + config.chunk_len - 1,
+            # chunk token i aligned with neighbour token i: distance 0 (offset r - 1)
+            aligned_distance=config.retrieved_len - 1 if config.cross_position_init == "aligned" else None,
         )
         self.norm_ff = RMSNorm(e, config.norm_eps)
         self.ff = FeedForward(e, config.enc_ff_width, config.dropout, config.activation)
@@ -306,6 +330,10 @@ class DecoderLayer(nn.Module):
                 null_kv=True,
                 positions=config.cross_positions,
                 num_distances=config.retrieved_len + config.chunk_len - 1,
+                # the continuation token aligned with a query's target: distance +1 (offset 2m - 2)
+                aligned_distance=2 * config.chunk_len - 1
+                if config.cross_position_init == "aligned"
+                else None,
             )
         self.norm_ff = RMSNorm(d, config.norm_eps)
         self.ff = FeedForward(d, config.ff_width, config.dropout, config.activation)
