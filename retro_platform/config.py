@@ -277,6 +277,10 @@ class TrainConfig:
     """Worker failures survived by restoring the last checkpoint."""
     seed: int = 0
     """Seed for model init and data order."""
+    init_from: str | None = None
+    """Checkpoint directory (or run directory: its newest checkpoint) whose weights start a fresh run."""
+    freeze: str = "none"
+    """none, or decoder: train only the retrieval path (encoder, cross-attention, their norms)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
@@ -295,6 +299,12 @@ class TrainConfig:
         _check(self.query_batches >= 1, "train.query_batches", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(
+            self.init_from is None or bool(self.init_from.strip()),
+            "train.init_from",
+            "must be a checkpoint directory or null",
+        )
+        _check(self.freeze in ("none", "decoder"), "train.freeze", "must be none or decoder")
 
 
 @dataclass
@@ -368,6 +378,12 @@ class PlatformConfig:
             self.train.seq_len <= self.model.max_seq_len,
             "train.seq_len",
             f"{self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}",
+        )
+        _check(
+            self.train.freeze == "none" or self.model.retrieval,
+            "train.freeze",
+            "freeze=decoder trains only the retrieval path, which a model.retrieval=false model does not "
+            "have; set model.retrieval=true or train.freeze=none",
         )
 
     # ---- paths -------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ micro-step) and clipping, bf16 autocast on GPU, periodic validation (loss and bi
 without retrieval), a progress line every ``log_every`` steps, and checkpoints (model in safetensors;
 optimizer + scheduler + step + data position + config in ``train_state.pt``) through
 ``ray.train.report``. A restarted worker group (a crashed worker, or the same ``train.name`` run again)
-resumes from ``ray.train.get_checkpoint()``. Side effects (MLflow metrics, log lines) on rank 0 only.
+resumes from ``ray.train.get_checkpoint()``; a fresh one may start from ``init_from`` (retro-fitting:
+the matching tensors of another checkpoint, ``retro_model.retrofit``), and ``train.freeze=decoder``
+trains only the retrieval path. Side effects (MLflow metrics, log lines) on rank 0 only.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
-from retro_model.checkpoint import load_model_dir, save_model_dir
+from retro_model.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
 from retro_model.model import Retro
+from retro_model.retrofit import RetrofitPlan, copy_matching_weights, count_parameters, freeze_decoder
 from retro_platform.config import PlatformConfig, TrainConfig
 from retro_platform.db.store import ChunkStore
 from retro_platform.errors import CheckpointError
@@ -193,6 +197,19 @@ def load_training_state(
     return int(state["step"]), int(state["data_position"])
 
 
+def init_from_checkpoint(model: Retro, directory: str | Path) -> RetrofitPlan:
+    """Copy the tensors a checkpoint shares with ``model`` (same name and shape) into it -> the plan.
+
+    Retrieval tensors the checkpoint lacks (a decoder-only baseline's) keep their initialisation.
+    CheckpointError when the checkpoint does not fit (the driver checks this before training starts).
+    """
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        return copy_matching_weights(model, load_file(str(path), device="cpu"))
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"train.init_from: checkpoint {path} does not fit the model: {exc}") from None
+
+
 def _progress_logging() -> None:
     """Progress lines of this package at INFO in the worker, without raising Ray Train's own loggers."""
     if not logger.handlers:
@@ -242,6 +259,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             restored, _ = load_model_dir(directory)
             model.load_state_dict(restored.state_dict())
+    elif loop_config.get("init_from"):
+        plan = init_from_checkpoint(model, loop_config["init_from"])
+        if rank == 0:
+            logger.info("initialised from %s: %s", loop_config["init_from"], plan.summary())
+    if train_cfg.freeze == "decoder":
+        freeze_decoder(model)  # before DDP, which then syncs only the retrieval path's gradients
+    if rank == 0:
+        logger.info(
+            "%d parameters, %d trainable (train.freeze=%s)",
+            count_parameters(model),
+            count_parameters(model, trainable_only=True),
+            train_cfg.freeze,
+        )
     model = ray.train.torch.prepare_model(model)  # DDP; moves the model to the worker's device
     raw_model: Retro = model.module if hasattr(model, "module") else model
     optimizer, scheduler = build_optimizer(raw_model, train_cfg)
@@ -284,6 +314,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "run_id": loop_config.get("run_id"),
         "tokenizer_sha256": loop_config.get("tokenizer_sha256"),
         "train_name": train_cfg.name,
+        "freeze": train_cfg.freeze,
     }
 
     seen: list[dict[str, list]] = []

@@ -10,6 +10,12 @@ new ``TorchTrainer`` with the same ``RunConfig(storage_path, name)`` loads it, a
 newest checkpoint from ``ray.train.get_checkpoint()``. So re-running ``retro train`` with the same
 ``train.name`` continues from the last checkpoint (step counter, optimizer, schedule, data position),
 in the same MLflow run; a crashed worker is handled the same way inside one run (``max_failures``).
+
+Retro-fitting (``train.init_from``, ``train.freeze``): a fresh run may start from another run's
+checkpoint, e.g. a decoder-only baseline's; the driver checks it here (it exists, same tokenizer, every
+shared tensor the same shape) before anything is started or written, and the workers copy its matching
+tensors into the new model (``retro_model.retrofit``). Resuming the same ``train.name`` wins over
+``init_from``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from safetensors import safe_open
 
 from retro_model.checkpoint import WEIGHTS_FILE, read_checkpoint_metadata
+from retro_model.model import Retro
+from retro_model.retrofit import RetrofitPlan, count_parameters, freeze_decoder, plan_copy
 from retro_platform import tracking
 from retro_platform.config import PlatformConfig
 from retro_platform.db.manifest import validate_database
@@ -89,7 +99,111 @@ def check_resumable(config: PlatformConfig, checkpoint: Path, manifest: dict[str
             f"checkpoint {checkpoint} was trained with another tokenizer than the one of {config.db_path}; "
             "train on the database it was trained with, or use a new train.name"
         )
+    frozen = extra.get("freeze", "none")
+    if frozen != config.train.freeze:
+        raise CheckpointError(
+            f"train.name={config.train.name!r} already has a checkpoint ({checkpoint}) trained with "
+            f"train.freeze={frozen}, but train.freeze={config.train.freeze} now (its optimizer state holds "
+            f"other parameters); set train.freeze={frozen}, or use a new train.name"
+        )
     return extra
+
+
+DECODER_SETTINGS = (
+    "vocab_size",
+    "d_model",
+    "n_heads",
+    "n_layers",
+    "d_ff",
+    "tie_embeddings",
+    "activation",
+    "rope_base",
+    "norm_eps",
+    "pad_id",
+)
+"""RetroConfig fields that shape or change the decoder a ``train.init_from`` checkpoint provides."""
+
+
+def find_init_checkpoint(config: PlatformConfig) -> Path:
+    """The checkpoint directory ``train.init_from`` names: a directory holding model.safetensors, or a
+    run directory (``<storage_path>/<name>``: its newest checkpoint). Relative paths are under work_dir."""
+    path = config.resolve(config.train.init_from)
+    fix = (
+        "set train.init_from to a checkpoint directory (one holding model.safetensors, e.g. "
+        "<storage_path>/<baseline train.name>/checkpoint_*) or to a run directory <storage_path>/<train.name>"
+    )
+    setting = f"train.init_from={config.train.init_from!r}"
+    if not path.exists():
+        raise CheckpointError(f"{setting}: {path} does not exist; {fix}")
+    if not path.is_dir():
+        raise CheckpointError(f"{setting}: {path} is a file, not a directory; {fix}")
+    if (path / WEIGHTS_FILE).exists():
+        return path
+    newest = latest_checkpoint(path.parent, path.name)
+    if newest is None:
+        raise CheckpointError(f"{setting}: {path} holds no checkpoint; {fix}")
+    if newest.parent != path:  # e.g. the storage path itself: which run is meant is not clear
+        raise CheckpointError(
+            f"{setting}: {path} holds no checkpoint of its own, only in subfolders such as {newest.parent}; {fix}"
+        )
+    return newest
+
+
+def check_init_from(config: PlatformConfig, checkpoint: Path, manifest: dict[str, Any]) -> RetrofitPlan:
+    """Refuse a ``train.init_from`` checkpoint that cannot start this model -> what will be copied.
+
+    Refused (CheckpointError naming what to change): an unreadable checkpoint, another tokenizer than the
+    database's, a tensor of both with another shape or a decoder tensor only one side has. Settings that
+    change no shape but the computation (e.g. model.activation) only get a warning. Reads the safetensors
+    header only: no weights are loaded.
+    """
+    weights = checkpoint / WEIGHTS_FILE
+    try:
+        source_cfg, extra = read_checkpoint_metadata(weights)
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise CheckpointError(
+            f"train.init_from: {exc}; point train.init_from to a checkpoint written by retro train"
+        ) from None
+    sha = extra.get("tokenizer_sha256")
+    if sha and sha != manifest["tokenizer"]["sha256"]:
+        raise CheckpointError(
+            f"train.init_from: checkpoint {checkpoint} was trained with another tokenizer than the one of "
+            f"{config.db_path}, so its token ids mean other things; init from a checkpoint trained on this "
+            "database (or set database.path to the database it was trained on)"
+        )
+    mine, theirs = config.model.to_dict(), source_cfg.to_dict()
+    differ = {k: (theirs[k], mine[k]) for k in DECODER_SETTINGS if theirs[k] != mine[k]}
+    with torch.device("meta"):  # shapes only, no memory
+        target = Retro(config.model)
+    try:
+        if "n_heads" in differ:  # same shapes, but every attention weight would be split differently
+            raise ValueError("another number of attention heads")
+        plan = plan_copy(target, shapes)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"train.init_from: checkpoint {checkpoint} does not fit the model: {exc}. Decoder settings of "
+            f"the checkpoint vs this config: {differ}; set model.* like the checkpoint, or init from "
+            "another checkpoint"
+        ) from None
+    if differ:
+        logger.warning(
+            "train.init_from: the checkpoint %s was trained with other decoder settings (checkpoint vs "
+            "config: %s); its weights are copied anyway",
+            checkpoint,
+            differ,
+        )
+    return plan
+
+
+def parameter_counts(config: PlatformConfig) -> dict[str, int]:
+    """``num_parameters`` and ``trainable_parameters`` of the model this config trains (train.freeze)."""
+    with torch.device("meta"):
+        model = Retro(config.model)
+    if config.train.freeze == "decoder":
+        freeze_decoder(model)
+    return {"num_parameters": count_parameters(model), "trainable_parameters": count_parameters(model, True)}
 
 
 def run_training(
@@ -108,6 +222,7 @@ def run_training(
         storage = config.storage_path
         previous = latest_checkpoint(storage, config.train.name)
         resume_run_id = None
+        init_from, retrofit_params = None, {}
         if previous is not None:
             extra = check_resumable(config, previous, manifest)
             resume_run_id = extra.get("run_id")
@@ -117,10 +232,33 @@ def run_training(
                 extra.get("step"),
                 previous,
             )
+            if config.train.init_from:
+                logger.info("%s: resuming, so train.init_from is not applied again", config.train.name)
+        elif config.train.init_from:
+            init_from = find_init_checkpoint(config)
+            plan = check_init_from(config, init_from, manifest)
+            logger.info("%s: initialising from %s: %s", config.train.name, init_from, plan.summary())
+            retrofit_params = {
+                "retrofit.checkpoint": str(init_from),
+                "retrofit.copied_tensors": len(plan.copied),
+                "retrofit.fresh_tensors": len(plan.fresh),
+            }
+        elif config.train.freeze == "decoder":
+            logger.warning(
+                "train.freeze=decoder without train.init_from: the decoder stays at its random initialisation"
+            )
         online = config.model.retrieval and config.train.neighbor_mode == "online"
         if online and pool is None:
             pool, own_pool = NeighborPool.start(config, manifest), True
         with tracking.training_run(config, manifest, resume_run_id) as run:
+            counts = {**parameter_counts(config), **retrofit_params}
+            logger.info(
+                "%s: %d parameters, %d trainable",
+                config.train.name,
+                counts["num_parameters"],
+                counts["trainable_parameters"],
+            )
+            tracking.log_params({k: v for k, v in counts.items() if k not in run.data.params})
             resources = {"CPU": config.train.cpus_per_worker}
             if config.ray.train_resource:
                 resources[config.ray.train_resource] = 1
@@ -134,6 +272,7 @@ def run_training(
                     "db_id": manifest["db_id"],
                     "tokenizer_sha256": manifest["tokenizer"]["sha256"],
                     "worker_log": worker_log,
+                    "init_from": None if init_from is None else str(init_from),
                 },
                 scaling_config=ScalingConfig(
                     num_workers=config.train.num_workers,
