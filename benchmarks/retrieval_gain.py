@@ -11,8 +11,8 @@ differ only in ``model.retrieval`` and ``train.name``) -> ``run_evaluation`` of 
 
 Corpora (``--corpus``, one table each):
 
-- ``mirrored``: the first ``--max-documents`` packaged Wikipedia summaries written twice to a JSONL
-  file under the work dir, as ``<id>`` and ``<id>#mirror``, all originals first and then all mirrors,
+- ``mirrored``: the first ``--max-documents`` packaged Wikipedia summaries, each twice
+  (``database.corpus.mirror``: ``<id>`` and ``<id>#mirror``, all originals first and then all mirrors),
   so the two copies are far apart in chunk order and never in one training sequence (whose own
   documents the pool excludes). A chunk's twin is its best possible neighbour; a valid document can
   only find its twin when the twin fell into the train split (the index holds train chunks only
@@ -58,8 +58,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS-retrieval.md"
 CORPORA = ("mirrored", "natural")
-MIRROR_SUFFIX = "#mirror"
-"""Appended to a document id to name its mirrored copy."""
 
 RESULTS_HEADER = """# Retrieval gain: RETRO vs the same-size baseline, end to end
 
@@ -84,60 +82,22 @@ logger = logging.getLogger("bench.retrieval_gain")
 
 
 # ---- corpora -----------------------------------------------------------------------------------------
-def source_documents(max_documents: int | None) -> list[dict[str, str]]:
-    """The first ``max_documents`` non-empty packaged Wikipedia summaries (all when None), in corpus order.
+def twin_counts(corpus: Any, include_valid: bool) -> dict[str, int]:
+    """Valid documents of a mirrored ``Corpus``, and how many have their twin where retrieval finds it.
 
-    Raises ``CorpusError`` naming the package to install when the packaged corpus is missing.
+    The index holds the train split (plus the valid split with ``include_valid``); a valid document's
+    twin is never in its own sequence.
     """
-    from retro_platform.corpus import WIKIPEDIA, read_documents
+    from retro_platform.corpus import MIRROR_SUFFIX
 
-    docs = []
-    for doc in read_documents(WIKIPEDIA, use_ray=False):
-        if not doc["text"].strip():
-            continue  # load_documents skips empty documents too: N means N documents in the database
-        docs.append(doc)
-        if max_documents is not None and len(docs) >= max_documents:
-            break
-    return docs
-
-
-def mirrored_documents(docs: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Every document twice: all originals (``<id>``), then all mirrors (``<id>#mirror``), same text."""
-    originals = [{"id": d["id"], "title": d["title"], "text": d["text"]} for d in docs]
-    mirrors = [{**d, "id": d["id"] + MIRROR_SUFFIX} for d in originals]
-    return originals + mirrors
-
-
-def write_jsonl(path: Path, docs: list[dict[str, str]]) -> Path:
-    """Write documents as JSON Lines (``id``, ``title``, ``text``); an identical file is left untouched."""
-    data = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
-    if path.exists() and path.read_bytes() == data:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
-def twin_of(doc_id: str) -> str:
-    """The id of a document's mirrored copy (or of the original, for a mirror)."""
-    if doc_id.endswith(MIRROR_SUFFIX):
-        return doc_id[: -len(MIRROR_SUFFIX)]
-    return doc_id + MIRROR_SUFFIX
-
-
-def twin_counts(doc_ids: list[str], valid_fraction: float, include_valid: bool) -> dict[str, int]:
-    """Valid documents of a mirrored corpus, and how many have their twin where retrieval can find it.
-
-    The split is ``retro_platform.corpus.stable_split`` of the id; the index holds the train split (plus
-    the valid split with ``include_valid``), and a valid document's twin is never in its own sequence.
-    """
-    from retro_platform.corpus import stable_split
-
-    valid = [i for i in doc_ids if stable_split(i, valid_fraction) == "valid"]
-    in_train = sum(stable_split(twin_of(i), valid_fraction) == "train" for i in valid)
+    train = {d["id"] for d in corpus.train}
+    valid = [d["id"] for d in corpus.valid]
+    in_train = sum(
+        (i.removesuffix(MIRROR_SUFFIX) if i.endswith(MIRROR_SUFFIX) else i + MIRROR_SUFFIX) in train
+        for i in valid
+    )
     return {
+        "documents": len(train) + len(valid),
         "valid_documents": len(valid),
         "twin_in_train": in_train,
         "twin_in_valid": len(valid) - in_train,
@@ -149,12 +109,13 @@ def twin_counts(doc_ids: list[str], valid_fraction: float, include_valid: bool) 
 def corpus_config(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[Any, dict[str, Any]]:
     """The invocation's config for one corpus -> (PlatformConfig, corpus info).
 
-    Starts from ``--config`` with ``--set`` overrides; sets the work dir, the corpus source (the mirrored
-    file, or the packaged Wikipedia), ``max_documents``, ``train.steps``, and the experiment and
+    Starts from ``--config`` with ``--set`` overrides; sets the work dir, the corpus (the packaged
+    Wikipedia, with ``database.corpus.mirror`` for the mirrored corpus), ``max_documents``, ``train.steps``, and the experiment and
     comparison every run of the invocation shares. The database folder is named by a hash of the
     database settings, so a corpus or setting change builds a new one instead of being refused.
     """
     from retro_platform.config import load_config
+    from retro_platform.corpus import load_documents
 
     base = load_config(args.config, [*args.set, f"work_dir={args.work_dir}"])
     n = args.max_documents if args.max_documents is not None else base.database.corpus.max_documents
@@ -162,23 +123,9 @@ def corpus_config(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[An
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     info: dict[str, Any] = {"corpus": corpus, "source_documents": n}
+    overrides += ["database.corpus.source=wikipedia", f"database.corpus.max_documents={n or 'null'}"]
     if corpus == "mirrored":
-        docs = source_documents(n)
-        path = write_jsonl(
-            Path(base.work_dir) / "corpus" / f"wikipedia-mirrored-{n or 'all'}.jsonl",
-            mirrored_documents(docs),
-        )
-        ids = [d["id"] for d in mirrored_documents(docs)]
-        info.update(
-            source_documents=len(docs),
-            documents=len(ids),
-            file=str(path),
-            **twin_counts(ids, base.database.corpus.valid_fraction, base.database.index.include_valid),
-        )
-        # the file holds exactly the N documents and their mirrors: cutting it again would drop mirrors
-        overrides += [f"database.corpus.source={path}", "database.corpus.max_documents=null"]
-    else:
-        overrides += ["database.corpus.source=wikipedia", f"database.corpus.max_documents={n or 'null'}"]
+        overrides.append("database.corpus.mirror=true")
     config = load_config(args.config, overrides)
     digest = hashlib.sha1(
         json.dumps(dataclasses.asdict(config.database), sort_keys=True).encode()
@@ -186,6 +133,9 @@ def corpus_config(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[An
     database = dataclasses.replace(config.database, path=f"db-{corpus}-{digest[:8]}")
     tracking = dataclasses.replace(config.tracking, comparison=stamp)
     info["include_valid"] = config.database.index.include_valid
+    if corpus == "mirrored":
+        corpus_docs = load_documents(config.database.corpus, use_ray=False)
+        info.update(twin_counts(corpus_docs, info["include_valid"]))
     return dataclasses.replace(config, database=database, tracking=tracking), info
 
 

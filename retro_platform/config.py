@@ -72,6 +72,11 @@ class CorpusConfig:
     """Fraction of documents held out for validation, chosen by a stable hash of the document id."""
     read_parallelism: int | None = None
     """Blocks Ray Data reads the corpus into; None lets Ray decide."""
+    mirror: bool = False
+    """Add every document a second time as ``<id>#mirror`` (all originals first, then all mirrors), so
+    nearly every chunk has an exact twin in the database: the setting that shows whether a model reads
+    its neighbours (the demo and ``benchmarks/retrieval_gain.py`` use it). ``max_documents`` counts
+    documents before mirroring."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.valid_fraction < 1.0, "database.corpus.valid_fraction", "must be in [0, 1)")

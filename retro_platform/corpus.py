@@ -213,6 +213,10 @@ def corpus_digest(source: str) -> str:
     return digest.hexdigest()
 
 
+MIRROR_SUFFIX = "#mirror"
+"""Appended to a document id to name its copy in a mirrored corpus (``database.corpus.mirror``)."""
+
+
 def stable_split(doc_id: str, valid_fraction: float) -> str:
     """'valid' for a stable ``valid_fraction`` of ids (sha1 of the id), else 'train'."""
     if valid_fraction <= 0:
@@ -257,6 +261,8 @@ def load_documents(config: CorpusConfig, use_ray: bool = True) -> Corpus:
         kept.append(doc)
         if config.max_documents is not None and len(kept) >= config.max_documents:
             break
+    if config.mirror:
+        kept += [{**doc, "id": doc["id"] + MIRROR_SUFFIX} for doc in kept]
     if not kept:
         raise CorpusError(
             f"corpus {config.source} has no non-empty documents ({corpus.read} read, {corpus.empty} empty)"

@@ -8,6 +8,7 @@ import pytest
 
 from retro_platform.config import CorpusConfig
 from retro_platform.corpus import (
+    MIRROR_SUFFIX,
     corpus_digest,
     load_documents,
     read_documents,
@@ -146,3 +147,17 @@ def test_corpus_digest_follows_content(tmp_path):
     assert corpus_digest(str(path)) == before
     path.write_text('{"id": "a", "text": "two"}\n')
     assert corpus_digest(str(path)) != before
+
+
+def test_mirrored_corpus_holds_every_document_twice_originals_first():
+    plain = load_documents(CorpusConfig(max_documents=40, valid_fraction=0.2), use_ray=False)
+    mirrored = load_documents(CorpusConfig(max_documents=40, valid_fraction=0.2, mirror=True), use_ray=False)
+    originals = {d["id"]: d["text"] for d in plain.train + plain.valid}
+    docs = mirrored.train + mirrored.valid
+    assert len(docs) == 80
+    copies = {d["id"].removesuffix(MIRROR_SUFFIX): d["text"] for d in docs if d["id"].endswith(MIRROR_SUFFIX)}
+    assert copies == originals  # same texts under other ids
+    # in each split every original comes before every mirror (far apart in chunk order)
+    for split in (mirrored.train, mirrored.valid):
+        kinds = [d["id"].endswith(MIRROR_SUFFIX) for d in split]
+        assert kinds == sorted(kinds)

@@ -67,6 +67,8 @@ def fingerprint_inputs(config: PlatformConfig, digest: str) -> dict[str, Any]:
         "corpus.digest": digest,
         "corpus.max_documents": db.corpus.max_documents,
         "corpus.valid_fraction": db.corpus.valid_fraction,
+        # only when set, so databases built before the setting existed keep their fingerprint
+        **({"corpus.mirror": True} if db.corpus.mirror else {}),
         "tokenizer.path": db.tokenizer.path,
         "tokenizer.vocab_size": db.tokenizer.vocab_size,
         "tokenizer.min_frequency": db.tokenizer.min_frequency,
