@@ -39,18 +39,14 @@ from retro_model.model import Retro  # noqa: E402
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """key=value model overrides (ints, floats, booleans and strings)."""
+    """key=value model overrides; values are JSON (numbers, true/false, lists) or else strings."""
     out = {}
     for pair in pairs:
         key, value = pair.split("=", 1)
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
     return out
 
 

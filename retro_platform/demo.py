@@ -9,14 +9,18 @@ completion with live retrieval, printing the neighbours it read.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import ray
 
 from retro_platform.compare import compare_experiment
 from retro_platform.config import PlatformConfig
 from retro_platform.db.build import build_database
+from retro_platform.errors import CorpusError
 from retro_platform.evaluate import run_evaluation
 from retro_platform.generation import complete
 from retro_platform.ray_utils import init_ray
@@ -50,46 +54,144 @@ def variant(config: PlatformConfig, kind: str, comparison: str, label: str | Non
     return dataclasses.replace(config, model=model, train=train, tracking=tracking)
 
 
+def unseen_document(config: PlatformConfig, min_tokens: int) -> dict[str, str]:
+    """A packaged Wikipedia summary outside the demo's corpus cut (never trained on, never in the
+    database) with at least ``min_tokens`` tokens of the database's tokenizer."""
+    from retro_platform.corpus import WIKIPEDIA, read_documents
+    from retro_platform.tokenizer import load_tokenizer
+
+    cut = config.database.corpus.max_documents
+    if config.database.corpus.source != WIKIPEDIA or cut is None:
+        raise CorpusError(
+            "the demo's knowledge update takes an article from beyond the packaged Wikipedia's "
+            "database.corpus.max_documents cut: use source 'wikipedia' with max_documents set"
+        )
+    tokenizer = load_tokenizer(config.db_path)
+    docs = [d for d in read_documents(WIKIPEDIA, use_ray=False) if d["text"].strip()]
+    for doc in docs[cut:]:
+        if len(tokenizer.encode(doc["text"]).ids) >= min_tokens:
+            return {"id": f"unseen-{doc['id']}", "title": doc.get("title", ""), "text": doc["text"]}
+    raise CorpusError(f"no packaged article beyond the first {cut} has {min_tokens} tokens")
+
+
+def knowledge_update(config: PlatformConfig, model) -> dict:
+    """Add an unseen article to a copy of the database and greedy-complete its opening before and after.
+
+    The prompt is the article's first chunk; after the addition its retrieval finds the article itself,
+    whose continuation holds the words that follow. -> {prompt, truth, before, after, matched, words,
+    scores}: ``matched`` the number of leading generated words equal to the article's next ``words``
+    words, before and after.
+    """
+    from retro_platform.serve.update import add_documents
+    from retro_platform.tokenizer import load_tokenizer
+
+    m = config.database.chunk_len
+    n_new = config.generate.max_new_tokens
+    doc = unseen_document(config, m + n_new)
+    copy = Path(config.work_dir) / "knowledge-update" / "db"
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(config.db_path, copy)
+    updated = dataclasses.replace(
+        config,
+        database=dataclasses.replace(config.database, path=str(copy)),
+        generate=dataclasses.replace(config.generate, temperature=0.0),
+    )
+    tokenizer = load_tokenizer(copy)
+    ids = tokenizer.encode(doc["text"]).ids
+    prompt, truth = tokenizer.decode(ids[:m]), ids[m : m + n_new]
+    n_words = len(tokenizer.decode(truth).split())
+    pool = NeighborPool.start(updated)
+    try:
+        before, _ = complete(updated, model, pool, prompt, prompt_ids=ids[:m])
+        new_docs = copy.parent / "article.jsonl"
+        new_docs.write_text(json.dumps(doc) + "\n")
+        add_documents(updated, [str(new_docs)], pool=pool)
+        after, used = complete(updated, model, pool, prompt, prompt_ids=ids[:m])
+    finally:
+        pool.shutdown()
+
+    def matched(text: str) -> int:
+        """Leading words of ``text`` equal to the article's next words."""
+        pairs = zip(text.split(), tokenizer.decode(truth).split(), strict=False)
+        return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(text.split()), n_words))
+
+    return {
+        "prompt": prompt,
+        "truth": tokenizer.decode(truth),
+        "before": before,
+        "after": after,
+        "matched": (matched(before), matched(after)),
+        "words": n_words,
+        "scores": [round(s, 3) for s in used[0][2]] if used else [],
+    }
+
+
 def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
-    """Run the demo -> {'rows': comparison rows, 'completion': text}."""
+    """Run the demo -> {'rows': comparison rows, 'completion': text, 'update': knowledge update}."""
     t0 = time.perf_counter()
     started = init_ray(config)
     pool = None
     try:
-        print(f"[1/5] building the retrieval database in {config.db_path}")
+        print(f"[1/6] building the retrieval database in {config.db_path}")
         manifest = build_database(config)
         counts = manifest["counts"]
         print(
             f"      {sum(counts['documents'].values())} documents, {sum(counts['chunks'].values())} chunks, "
             f"index {manifest['index']['factory']} in {len(manifest['index']['shards'])} shards"
         )
+        if config.database.corpus.mirror:
+            print(
+                "      mirrored corpus: each article appears twice (as <id> and <id>#mirror), so most chunks "
+                "have an exact twin to retrieve; this shows the model reading its neighbours"
+            )
         pool = NeighborPool.start(config, manifest)
         comparison = f"{config.train.name}-{manifest['db_id']}"
-        trained = {}
+        trained, scores = {}, {}
         for step, kind in ((2, "retro"), (3, "baseline")):
             run_config = variant(config, kind, comparison)
             print(
-                f"[{step}/5] training {kind} ({config.train.num_workers} DDP workers, {config.train.steps} steps)"
+                f"[{step}/6] training {kind} ({config.train.num_workers} DDP workers, {config.train.steps} steps)"
             )
             trained[kind] = run_training(run_config, pool=pool if kind == "retro" else None)
-            run_evaluation(run_config, checkpoint=trained[kind]["checkpoint"], pool=pool)
-        print("[4/5] comparison (valid bits per byte; lower is better)\n")
+            scores[kind] = run_evaluation(run_config, checkpoint=trained[kind]["checkpoint"], pool=pool)
+        print("[4/6] comparison (valid bits per byte; lower is better)\n")
         rows = compare_experiment(config, comparison=comparison)
-        print(f"\n[5/5] generation with live retrieval\nprompt: {prompt!r}")
+        retro, baseline = scores["retro"], scores["baseline"]
+        print(
+            f"\nRETRO reading its neighbours: {retro['valid_bpb_retrieval']:.4f} bits per byte; the same "
+            f"model with retrieval off: {retro['valid_bpb_no_retrieval']:.4f}; the baseline: "
+            f"{baseline['valid_bpb_no_retrieval']:.4f} "
+            f"({retro['valid_bpb_retrieval'] / baseline['valid_bpb_no_retrieval']:.2f}x the baseline)"
+        )
+        print(f"\n[5/6] generation with live retrieval\nprompt: {prompt!r}")
         from retro_model.checkpoint import load_model_dir
 
         model, _ = load_model_dir(trained["retro"]["checkpoint"])
         text, used = complete(config, model, pool, prompt)
         print(f"completion: {text!r}")
-        for chunk_text, ids, scores in used:
+        for chunk_text, ids, neighbour_scores in used:
             print(
-                f"  chunk {chunk_text[:50]!r}... read neighbours {ids} (scores {[round(s, 3) for s in scores]})"
+                f"  chunk {chunk_text[:50]!r}... read neighbours {ids} "
+                f"(scores {[round(s, 3) for s in neighbour_scores]})"
             )
+        print("\n[6/6] knowledge update: add an article the model never saw, complete its opening again")
+        update = knowledge_update(config, model)
+        n_new = config.generate.max_new_tokens
+        print(f"opening:  {update['prompt']!r}")
+        print(f"article:  {update['truth']!r}")
+        print(
+            f"before:   {update['before']!r}  ({update['matched'][0]}/{n_new} leading tokens as the article)"
+        )
+        print(
+            f"after:    {update['after']!r}  ({update['matched'][1]}/{n_new} leading tokens as the article; "
+            f"the opening retrieved scores {update['scores']})"
+        )
         print(
             f"\ndone in {time.perf_counter() - t0:.0f}s. MLflow store: {config.tracking_uri}\n"
             f"open the UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000"
         )
-        return {"rows": rows, "completion": text}
+        return {"rows": rows, "completion": text, "update": update, "scores": scores}
     finally:
         if pool is not None:
             pool.shutdown()

@@ -43,15 +43,27 @@ class PoolRetriever:
         return torch.from_numpy(result.tokens[0].astype(np.int64))
 
 
-def complete(config: PlatformConfig, model, pool: NeighborPool | None, prompt: str) -> tuple[str, list]:
-    """Generate a completion of ``prompt`` -> (text, [(chunk text, neighbour ids, scores)])."""
+def complete(
+    config: PlatformConfig,
+    model,
+    pool: NeighborPool | None,
+    prompt: str,
+    prompt_ids: list[int] | None = None,
+) -> tuple[str, list]:
+    """Generate a completion of ``prompt`` -> (text, [(chunk text, neighbour ids, scores)]).
+
+    ``prompt_ids`` gives the prompt's token ids as they are (e.g. a document's first chunk, so its
+    chunk boundaries stay where the database has them) instead of encoding ``prompt``.
+    """
     store = ChunkStore(config.db_path)
     tokenizer = load_tokenizer_file(store.layout.tokenizer)
     retriever = None
     if model.config.retrieval and pool is not None:
         embedder = Embedder.from_manifest(store.manifest, out_dtype="float32")
         retriever = PoolRetriever(pool, tokenizer, embedder, model.config.num_neighbors)
-    prompt_ids = torch.tensor(tokenizer.encode(prompt).ids, dtype=torch.long)
+    if prompt_ids is None:
+        prompt_ids = tokenizer.encode(prompt).ids
+    prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
     gen = config.generate
     out = generate(
         model,

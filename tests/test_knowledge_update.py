@@ -67,3 +67,25 @@ def test_added_document_changes_the_greedy_completion_without_retraining(debug_d
     assert any("Zorblatt" in line for line in neighbour_lines(printed_after))
     assert after != before  # ... and the same weights complete the prompt differently
     assert run_generation(config, PROMPT, checkpoint=str(checkpoint)) == after  # deterministic
+
+
+def test_demo_knowledge_update_adds_an_unseen_article_to_a_copy_of_the_database(debug_db, tmp_path):
+    """The demo's step 6: an article from beyond the corpus cut is added to a copy of the database; its
+    opening then retrieves the article itself (score 1.000), and the demo's database stays as it was."""
+    from retro_platform.demo import knowledge_update
+
+    source, _ = debug_db
+    shutil.copytree(source.db_path, tmp_path / "db")
+    config = debug_config(tmp_path, "generate.max_new_tokens=16")
+    manifest_before = (tmp_path / "db" / "manifest.json").read_bytes()
+    torch.manual_seed(0)
+    model = Retro(model_for_database(config, load_manifest(config.db_path)).model)
+
+    update = knowledge_update(config, model)
+
+    assert update["scores"] and update["scores"][0] > 0.999  # the opening found its own article
+    assert update["truth"].split()[: update["words"]] and update["words"] > 0
+    assert 0 <= update["matched"][0] <= update["words"] and 0 <= update["matched"][1] <= update["words"]
+    assert (tmp_path / "db" / "manifest.json").read_bytes() == manifest_before
+    copy = load_manifest(tmp_path / "knowledge-update" / "db")
+    assert copy["counts"]["documents"]["added"] == 1
