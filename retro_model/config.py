@@ -36,8 +36,9 @@ ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 CROSS_POSITIONS = ("none", "relative", "rotary")
 """Position schemes of the two cross-attentions (decoder chunk -> neighbours, neighbour -> its chunk):
 "none": content only (every checkpoint written before ``RetroConfig.cross_positions`` existed);
-"relative": a learned bias per head and relative distance between query and key token, zero at
-initialisation, so content matching is untouched until a distance proves useful;
+"relative": a learned bias per head and relative distance between query and key token (see
+``RetroConfig.cross_position_init``), and previous-token keys (each key also carries the key of the
+token before it, so a query matches a copied neighbour by the token it has just read);
 "rotary": rotary position embeddings on half of the heads (the other half stay content-only)."""
 
 

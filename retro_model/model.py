@@ -158,9 +158,12 @@ class CrossAttention(nn.Module):
     With ``null_kv`` a learned key/value is prepended to every context, so a query whose context is all
     padding attends to it (and its output stays finite) instead of to nothing. ``positions`` (one of
     ``CROSS_POSITIONS``) adds position information to the attention scores: "relative" a learned bias
-    per head and relative distance (``num_distances`` of them), "rotary" rotary embeddings on the first
-    half of the heads (tables ``cos``/``sin`` passed to ``forward``). ``aligned_distance`` (the distance
-    index of the key aligned with a query) starts the relative biases from ``aligned_prior``.
+    per head and relative distance (``num_distances`` of them) plus previous-token keys (key j +
+    ``key_shift[h]`` * key j-1 of the same segment: a query can match the token *before* the one it
+    reads, which finds a copied neighbour by content; on at init on the heads whose bias starts at zero),
+    "rotary" rotary embeddings on the first half of the heads (tables ``cos``/``sin`` passed to
+    ``forward``). ``aligned_distance`` (the distance index of the key aligned with a query) starts the
+    relative biases from ``aligned_prior``.
     """
 
     def __init__(
@@ -182,9 +185,11 @@ class CrossAttention(nn.Module):
         self.dropout = dropout
         self.null_kv = nn.Parameter(torch.zeros(2, dim)) if null_kv else None
         self.positions = positions
-        self.rel_bias = None
+        self.rel_bias = self.key_shift = None
         if positions == "relative":
             self.rel_bias = nn.Parameter(aligned_prior(heads, num_distances, aligned_distance))
+            # previous-token keys on the content heads (those the prior leaves at zero)
+            self.key_shift = nn.Parameter((self.rel_bias.detach() == 0).all(dim=1).float())
 
     def forward(
         self,
@@ -214,6 +219,11 @@ class CrossAttention(nn.Module):
             k_pos = apply_rotary(k[:, :half, first:], cos[pos.key], sin[pos.key])
             k = torch.cat((torch.cat((k[:, :half, :first], k_pos), 2), k[:, half:]), 1)
         elif self.positions == "relative":
+            body = k[:, :, first:]  # (B, h, c, s)
+            has_prev = (pos.key > 0).to(k.dtype)[:, None]  # (c, 1): the key before is of the same segment
+            previous = F.pad(body[:, :, :-1], (0, 0, 1, 0)) * has_prev
+            body = body + self.key_shift.to(k.dtype)[None, :, None, None] * previous
+            k = torch.cat((k[:, :, :first], body), 2)
             bias = self.rel_bias[:, pos.distance_index()]  # (h, t, c)
             bias = F.pad(bias, (first, 0)).to(q.dtype)[None]  # (1, h, t, c')
         if context_mask is not None:
@@ -421,7 +431,9 @@ class Retro(nn.Module):
                 continue
             seen.add(id(p))
             is_matrix = (
-                p.dim() == 2 and not name.startswith("embed") and not name.endswith(("null_kv", "rel_bias"))
+                p.dim() == 2
+                and not name.startswith("embed")
+                and not name.endswith(("null_kv", "rel_bias", "key_shift"))
             )
             (decay if is_matrix else no_decay).append(p)
         return [

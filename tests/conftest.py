@@ -10,7 +10,7 @@
   shard, Flat index, MLflow run in ``<work_dir>/mlflow.db``). Treat it as read-only: copy
   ``config.db_path`` into ``tmp_path`` before re-building or damaging it.
 * ``debug_config(work_dir, *overrides)``: the debug preset with everything under ``work_dir``.
-* ``randomise_position_biases(model)``: random values for the cross-attentions' relative biases.
+* ``randomise_position_biases(model)``: random values for the cross-attentions' position parameters.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def debug_config(work_dir, *overrides: str):
 
 
 def randomise_position_biases(model) -> None:
-    """Give a Retro model's relative-position biases (zero at initialisation) random values, so tests
-    comparing two code paths also compare how each applies them."""
+    """Give a Retro model's cross-attention position parameters (relative biases and previous-token key
+    weights) random values, so tests comparing two code paths also compare how each applies them."""
     import torch
 
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("rel_bias"):
+            if name.endswith(("rel_bias", "key_shift")):
                 p.normal_(0.0, 1.0)
 
 
