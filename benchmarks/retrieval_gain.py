@@ -123,9 +123,11 @@ def corpus_config(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[An
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     info: dict[str, Any] = {"corpus": corpus, "source_documents": n}
-    overrides += ["database.corpus.source=wikipedia", f"database.corpus.max_documents={n or 'null'}"]
-    if corpus == "mirrored":
-        overrides.append("database.corpus.mirror=true")
+    overrides += [
+        "database.corpus.source=wikipedia",
+        f"database.corpus.max_documents={n or 'null'}",
+        f"database.corpus.mirror={str(corpus == 'mirrored').lower()}",  # whatever the preset says
+    ]
     config = load_config(args.config, overrides)
     digest = hashlib.sha1(
         json.dumps(dataclasses.asdict(config.database), sort_keys=True).encode()
