@@ -19,7 +19,9 @@ Corpora (``--corpus``, one table each):
   unless ``database.index.include_valid``): the script reports how many did.
 - ``natural``: the packaged Wikipedia summaries as they are (``--max-documents`` of them).
 
-Per seed (``train.seed``): RETRO and the baseline at equal steps, then (unless ``--no-equal-time``) a
+Per seed (``train.seed``): RETRO and the baseline at equal steps, a retro-fit of that baseline
+(``train.init_from`` = its checkpoint, ``train.freeze=decoder``) for ``--retrofit-fraction`` of the
+steps, then (unless ``--no-equal-time``) a
 second baseline whose step count gives it RETRO's training time (RETRO's training seconds / the
 baseline's seconds per step). Training seconds are the training loop's own time, summed from its
 ``tokens_per_s`` windows in MLflow (Ray Train start-up and the final checkpoint upload left out); the
@@ -185,6 +187,7 @@ def train_and_evaluate(config: Any, pool: Any) -> dict[str, Any]:
     return {
         "name": config.train.name,
         "run_id": trained["run_id"],
+        "checkpoint": str(trained["checkpoint"]),
         "retrieval": retro,
         "steps": config.train.steps,
         "train_s": seconds,
@@ -244,6 +247,20 @@ def run_corpus(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[Any, 
                 runs["baseline_time"] = train_and_evaluate(
                     variant(timed, "baseline", stamp, "baseline-time"), pool
                 )
+            if args.retrofit_fraction > 0:
+                steps = max(1, round(args.retrofit_fraction * run_config.train.steps))
+                retrofit = dataclasses.replace(
+                    run_config,
+                    train=dataclasses.replace(
+                        run_config.train,
+                        steps=steps,
+                        warmup_steps=min(run_config.train.warmup_steps, steps),
+                        init_from=runs["baseline"]["checkpoint"],
+                        freeze="decoder",
+                    ),
+                )
+                print(f"[{corpus}] seed {seed}: retrofit of the baseline, {steps} steps", flush=True)
+                runs["retrofit"] = train_and_evaluate(variant(retrofit, "retro", stamp, "retrofit"), pool)
             seeds[seed] = runs
     finally:
         pool.shutdown()
@@ -266,12 +283,16 @@ COLUMNS = [
     ("train s baseline", "baseline_s", "{:.1f}"),
     ("train s baseline (= time)", "baseline_time_s", "{:.1f}"),
     ("steps baseline (= time)", "baseline_time_steps", "{:.0f}"),
+    ("retrofit bpb", "retrofit_bpb", "{:.4f}"),
+    ("retrofit / baseline", "retrofit_ratio", "{:.3f}x"),
+    ("retrofit steps", "retrofit_steps", "{:.0f}"),
 ]
 
 
 def seed_row(runs: dict[str, Any]) -> dict[str, float | None]:
     """The table's values for one seed (None where a run was skipped)."""
     retro, base, timed = runs["retro"], runs["baseline"], runs.get("baseline_time")
+    retrofit = runs.get("retrofit")
     row: dict[str, float | None] = {
         "retro_bpb": retro["eval"].get("valid_bpb_retrieval"),
         "retro_off_bpb": retro["eval"].get("valid_bpb_no_retrieval"),
@@ -284,6 +305,8 @@ def seed_row(runs: dict[str, Any]) -> dict[str, float | None]:
         "baseline_s": base["train_s"],
         "baseline_time_s": timed["train_s"] if timed else None,
         "baseline_time_steps": timed["steps"] if timed else None,
+        "retrofit_bpb": retrofit["eval"].get("valid_bpb_retrieval") if retrofit else None,
+        "retrofit_steps": retrofit["steps"] if retrofit else None,
     }
 
     def ratio(a: str, b: str) -> float | None:
@@ -293,6 +316,7 @@ def seed_row(runs: dict[str, Any]) -> dict[str, float | None]:
         ratio=ratio("retro_bpb", "baseline_bpb"),
         off_ratio=ratio("retro_off_bpb", "baseline_bpb"),
         ratio_time=ratio("retro_bpb", "baseline_time_bpb"),
+        retrofit_ratio=ratio("retrofit_bpb", "baseline_bpb"),
     )
     return row
 
@@ -466,6 +490,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the preset's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values")
     parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-time baseline")
+    parser.add_argument(
+        "--retrofit-fraction",
+        type=float,
+        default=0.25,
+        help="also retro-fit each seed's baseline (train.init_from + train.freeze=decoder) for this "
+        "fraction of the steps; 0 skips it",
+    )
     parser.add_argument("--work-dir", default="work/retrieval-gain", help="work_dir of every run")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the tables go to")
     parser.add_argument("--note", default=None, help="free text for the machine note (e.g. what else ran)")

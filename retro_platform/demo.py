@@ -177,15 +177,13 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
             )
         print("\n[6/6] knowledge update: add an article the model never saw, complete its opening again")
         update = knowledge_update(config, model)
-        n_new = config.generate.max_new_tokens
+        words = update["words"]
         print(f"opening:  {update['prompt']!r}")
         print(f"article:  {update['truth']!r}")
+        print(f"before:   {update['before']!r}\n          ({update['matched'][0]}/{words} next words right)")
         print(
-            f"before:   {update['before']!r}  ({update['matched'][0]}/{n_new} leading tokens as the article)"
-        )
-        print(
-            f"after:    {update['after']!r}  ({update['matched'][1]}/{n_new} leading tokens as the article; "
-            f"the opening retrieved scores {update['scores']})"
+            f"after:    {update['after']!r}\n          ({update['matched'][1]}/{words} next words right; "
+            f"the opening's neighbours scored {update['scores']})"
         )
         print(
             f"\ndone in {time.perf_counter() - t0:.0f}s. MLflow store: {config.tracking_uri}\n"
