@@ -246,6 +246,24 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(bsz, t, dim))
 
 
+def cross_attention(
+    config: RetroConfig, dim: int, ctx_dim: int, heads: int, null_kv: bool, aligned_distance: int
+) -> CrossAttention:
+    """A cross-attention of the model with ``config``'s position scheme: r + m - 1 relative distances
+    between a query and a key, the one at index ``aligned_distance`` being the aligned key (where the
+    prior of ``config.cross_position_init="aligned"`` peaks)."""
+    return CrossAttention(
+        dim,
+        ctx_dim,
+        heads,
+        config.dropout,
+        null_kv=null_kv,
+        positions=config.cross_positions,
+        num_distances=config.retrieved_len + config.chunk_len - 1,
+        aligned_distance=aligned_distance if config.cross_position_init == "aligned" else None,
+    )
+
+
 CPU_FFN_PIECE_ELEMENTS = 4 * 1024 * 1024
 """Largest hidden activation (elements) a CPU feed-forward call creates at once: 16 MB in fp32."""
 
@@ -289,16 +307,9 @@ class EncoderLayer(nn.Module):
         self.norm_attn = RMSNorm(e, config.norm_eps)
         self.attn = SelfAttention(e, config.enc_heads, config.dropout)
         self.norm_cross = RMSNorm(e, config.norm_eps)
-        self.cross = CrossAttention(
-            e,
-            config.d_model,
-            config.enc_heads,
-            config.dropout,
-            null_kv=False,
-            positions=config.cross_positions,
-            num_distances=config.retrieved_len + config.chunk_len - 1,
-            # chunk token i aligned with neighbour token i: distance 0 (offset r - 1)
-            aligned_distance=config.retrieved_len - 1 if config.cross_position_init == "aligned" else None,
+        # chunk token i is aligned with neighbour token i: distance 0 (offset r - 1)
+        self.cross = cross_attention(
+            config, e, config.d_model, config.enc_heads, False, config.retrieved_len - 1
         )
         self.norm_ff = RMSNorm(e, config.norm_eps)
         self.ff = FeedForward(e, config.enc_ff_width, config.dropout, config.activation)
@@ -339,18 +350,9 @@ class DecoderLayer(nn.Module):
         self.has_cca = has_cca
         if has_cca:
             self.norm_cca = RMSNorm(d, config.norm_eps)
-            self.cca = CrossAttention(
-                d,
-                config.enc_width,
-                config.n_heads,
-                config.dropout,
-                null_kv=True,
-                positions=config.cross_positions,
-                num_distances=config.retrieved_len + config.chunk_len - 1,
-                # the continuation token aligned with a query's target: distance +1 (offset 2m - 2)
-                aligned_distance=2 * config.chunk_len - 1
-                if config.cross_position_init == "aligned"
-                else None,
+            # a query's target is the continuation token one past it: distance +1 (offset 2m - 2)
+            self.cca = cross_attention(
+                config, d, config.enc_width, config.n_heads, True, 2 * config.chunk_len - 1
             )
         self.norm_ff = RMSNorm(d, config.norm_eps)
         self.ff = FeedForward(d, config.ff_width, config.dropout, config.activation)
