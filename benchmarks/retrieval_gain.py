@@ -415,7 +415,12 @@ def corpus_report(corpus: str, result: dict[str, Any]) -> str:
 
 def overlap_table(seeds: dict[int, dict[str, Any]]) -> str | None:
     """Evaluation metrics per overlap bucket (keys containing 'overlap'), one column per run; None if absent."""
-    labels = {"retro": "RETRO", "baseline": "baseline", "baseline_time": "baseline (= time)"}
+    labels = {
+        "retro": "RETRO",
+        "baseline": "baseline",
+        "baseline_time": "baseline (= time)",
+        "retrofit": "retrofit",
+    }
     runs = [(f"seed {s} {labels[k]}", r["eval"]) for s, by_kind in seeds.items() for k, r in by_kind.items()]
     keys = sorted({k for _, metrics in runs for k in metrics if "overlap" in k})
     if not keys:

@@ -1,0 +1,1 @@
+from retrieval_ablations import OracleMirror, lr_at, evaluate_mirror  # noqa
