@@ -545,22 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             ray.shutdown()
     wall = time.perf_counter() - t0
-    section = "\n".join(
-        [
-            f"## {now:%Y-%m-%d %H:%M %Z}, head {git_head()}",
-            "",
-            "```bash",
-            command,
-            "```",
-            "",
-            f"machine: {machine_note(load_before, args.note)}; wall time {wall / 60:.1f} min.",
-            f"MLflow: experiment and comparison `{stamp}` in `{last_config.tracking_uri}`.",
-            "",
-            *[corpus_report(corpus, result) for corpus, result in results.items()],
-        ]
-    )
-    print("\n" + section)
-    append_results(args.results, section)
+    # the raw results first: a failure in the report below must not lose an hour of runs
     out = Path(last_config.work_dir)
     json_path = out.parent / f"{out.name}-{now:%Y%m%d-%H%M%S}.json"
     record = {
@@ -577,6 +562,22 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     json_path.write_text(json.dumps(record, indent=2, default=str))
+    section = "\n".join(
+        [
+            f"## {now:%Y-%m-%d %H:%M %Z}, head {git_head()}",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+            f"machine: {machine_note(load_before, args.note)}; wall time {wall / 60:.1f} min.",
+            f"MLflow: experiment and comparison `{stamp}` in `{last_config.tracking_uri}`.",
+            "",
+            *[corpus_report(corpus, result) for corpus, result in results.items()],
+        ]
+    )
+    print("\n" + section)
+    append_results(args.results, section)
     print(f"\nappended to {args.results}; raw results in {json_path}")
     return 0
 
