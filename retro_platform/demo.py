@@ -185,6 +185,11 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
             f"after:    {update['after']!r}\n          ({update['matched'][1]}/{words} next words right; "
             f"the opening's neighbours scored {update['scores']})"
         )
+        if update["matched"][1] < words // 2:
+            print(
+                "          at this budget the model reads its neighbours (the comparison above) but does not yet\n"
+                "          copy them word for word: benchmarks/RESULTS-retrieval.md has the gap growing with steps"
+            )
         print(
             f"\ndone in {time.perf_counter() - t0:.0f}s. MLflow store: {config.tracking_uri}\n"
             f"open the UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000"
