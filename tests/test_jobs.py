@@ -44,7 +44,7 @@ def test_pipeline_job_succeeds_and_leaves_mlflow_runs(head, tmp_path):
         status = client.get_job_status(job_id)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-6000:]
-    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "completion:"):
+    for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "completion:", "[6/6]", "next words right"):
         assert stage in logs
 
     # The job joined the head (RAY_ADDRESS) instead of starting its own Ray.
