@@ -131,7 +131,7 @@ def test_approximate_index_reports_recall_and_is_exact_when_it_searches_every_li
     queries = valid_queries(config, manifest, 48)
     brute = queries @ vectors.T
     true = np.argsort(-brute, axis=1)[:, :4]
-    recalls = {}
+    recalls, scores = {}, {}
     for nprobe in (1, 4, 16):
         pool = NeighborPool.start(
             debug_config(work, "database.index.factory=IVF16,Flat", f"database.index.nprobe={nprobe}"),
@@ -146,6 +146,10 @@ def test_approximate_index_reports_recall_and_is_exact_when_it_searches_every_li
             np.take_along_axis(brute, result.chunk_ids, axis=1), result.scores, rtol=1e-4, atol=1e-5
         )
         recalls[nprobe] = recall_at(result.chunk_ids, true)
+        scores[nprobe] = result.scores
     print(f"IVF16,Flat recall@4 by nprobe: {recalls}")
-    assert recalls[1] <= recalls[4] <= recalls[16] == 1.0
+    assert recalls[1] <= recalls[4] <= recalls[16] >= 0.99
+    # searching every list is exact: the top-4 scores are brute force's (a near-tie, equal to float
+    # rounding, may order two chunk ids differently, so ids are not compared here)
+    np.testing.assert_allclose(scores[16], np.take_along_axis(brute, true, axis=1), rtol=0, atol=1e-5)
     assert recalls[1] < 1.0  # one list of 16 misses neighbours: the index really is approximate
