@@ -120,18 +120,17 @@ class SelfAttention(nn.Module):
 class CrossPositions:
     """Token positions of a cross-attention's queries [t] and keys [c] (int64), for its position scheme.
 
-    ``offset`` makes ``key - query + offset`` a valid index into a table of ``num_distances`` relative
-    distances (``config.cross_positions == "relative"``).
+    ``offset`` makes ``key - query + offset`` an index into a table of relative distances
+    (``config.cross_positions == "relative"``).
     """
 
     query: Tensor
     key: Tensor
     offset: int
-    num_distances: int
 
-    def distance_index(self) -> Tensor:
-        """[t, c] index of each (query, key) pair's relative distance."""
-        return (self.key[None, :] - self.query[:, None] + self.offset).clamp(0, self.num_distances - 1)
+    def distance_index(self, num_distances: int) -> Tensor:
+        """[t, c] index of each (query, key) pair's relative distance in a table of ``num_distances``."""
+        return (self.key[None, :] - self.query[:, None] + self.offset).clamp(0, num_distances - 1)
 
 
 ALIGNED_PRIOR_SLOPE = 8.0
@@ -231,15 +230,14 @@ class CrossAttention(nn.Module):
             previous = F.pad(body[:, :, :-1], (0, 0, 1, 0)) * has_prev
             body = body + self.key_shift.to(k.dtype)[None, :, None, None] * previous
             k = torch.cat((k[:, :, :first], body), 2)
-            bias = self.rel_bias[:, pos.distance_index()]  # (h, t, c)
+            bias = self.rel_bias[:, pos.distance_index(self.rel_bias.shape[1])]  # (h, t, c)
             bias = F.pad(bias, (first, 0)).to(q.dtype)[None]  # (1, h, t, c')
+        mask = bias
         if context_mask is not None:
             if self.null_kv is not None:
                 context_mask = F.pad(context_mask, (1, 0), value=True)
-            mask = context_mask[:, None, None, :]  # (B, 1, 1, c')
-            if bias is not None:
-                bias = bias.masked_fill(~mask, float("-inf"))  # (B, h, t, c')
-        mask = bias if bias is not None else (None if context_mask is None else mask)
+            keep = context_mask[:, None, None, :]  # (B, 1, 1, c')
+            mask = keep if bias is None else bias.masked_fill(~keep, float("-inf"))  # (B, h, t, c')
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -323,18 +321,18 @@ class EncoderLayer(nn.Module):
         sin: Tensor,
         key_mask: Tensor | None,
         pos: CrossPositions | None = None,
-        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x [b*l*k, r, e], chunk_hidden [b*l, m, d] (already normed), key_mask [b*l*k, r] -> [b*l*k, r, e].
 
-        ``pos``/``rotary``: positions of the k*r neighbour tokens (queries) and m chunk tokens (keys).
+        ``pos``: positions of the k*r neighbour tokens (queries) and m chunk tokens (keys); the
+        rotary tables cos/sin [r, s/2] serve both attentions.
         """
         x = x + self.attn(x, cos, sin, causal=False, key_mask=key_mask, norm=self.norm_attn)
         bl_k, r, e = x.shape
         # All k neighbours of a chunk attend to the same chunk: fold k into the query axis instead of
         # repeating the chunk k times.
         queries = x.view(bl_k // k, k * r, e)  # (b*l, k*r, e)
-        cross = self.cross(queries, chunk_hidden, norm=self.norm_cross, pos=pos, rotary=rotary)
+        cross = self.cross(queries, chunk_hidden, norm=self.norm_cross, pos=pos, rotary=(cos, sin))
         x = x + cross.view(bl_k, r, e)
         return x + self.ff(x, norm=self.norm_ff)
 
@@ -455,13 +453,13 @@ class Retro(nn.Module):
         0..m-1) sits m-1+i tokens after the start of the chunk that retrieved; neighbour token j at j."""
         m = self.config.chunk_len
         keys = torch.arange(k * r, device=window_offsets.device) % r
-        return CrossPositions(window_offsets + m - 1, keys, offset=2 * m - 2, num_distances=r + m - 1)
+        return CrossPositions(window_offsets + m - 1, keys, offset=2 * m - 2)
 
     def _encoder_positions(self, k: int, r: int, device: torch.device) -> CrossPositions:
         """Positions for the encoder's cross-attention: neighbour token j (query) at j, chunk token i at i."""
         queries = torch.arange(k * r, device=device) % r
         keys = torch.arange(self.config.chunk_len, device=device)
-        return CrossPositions(queries, keys, offset=r - 1, num_distances=r + self.config.chunk_len - 1)
+        return CrossPositions(queries, keys, offset=r - 1)
 
     def encode_neighbors(self, neighbors: Tensor, chunk_hidden: Tensor) -> tuple[Tensor, Tensor | None]:
         """Encode neighbours conditioned on their retrieving chunks.
@@ -483,7 +481,7 @@ class Retro(nn.Module):
         cos, sin = self.enc_cos[:r], self.enc_sin[:r]
         pos = self._encoder_positions(k, r, flat.device)
         for layer in self.encoder:
-            x = layer(x, chunk_hidden, k, cos, sin, key_mask, pos=pos, rotary=(cos, sin))
+            x = layer(x, chunk_hidden, k, cos, sin, key_mask, pos=pos)
         x = self.enc_norm(x).view(bsz, k, r, -1)  # (B, k, r, e)
         cca_mask = None if key_mask is None else is_real.view(bsz, k * r)
         return x, cca_mask
