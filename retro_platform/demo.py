@@ -19,6 +19,7 @@ import ray
 
 from retro_platform.compare import compare_experiment
 from retro_platform.config import PlatformConfig
+from retro_platform.corpus import MIRROR_SUFFIX
 from retro_platform.db.build import build_database
 from retro_platform.errors import CorpusError
 from retro_platform.evaluate import run_evaluation
@@ -54,11 +55,10 @@ def variant(config: PlatformConfig, kind: str, comparison: str, label: str | Non
     return dataclasses.replace(config, model=model, train=train, tracking=tracking)
 
 
-def unseen_document(config: PlatformConfig, min_tokens: int) -> dict[str, str]:
+def unseen_document(config: PlatformConfig, tokenizer, min_tokens: int) -> dict[str, str]:
     """A packaged Wikipedia summary outside the demo's corpus cut (never trained on, never in the
-    database) with at least ``min_tokens`` tokens of the database's tokenizer."""
+    database) with at least ``min_tokens`` tokens of ``tokenizer`` (the database's)."""
     from retro_platform.corpus import WIKIPEDIA, read_documents
-    from retro_platform.tokenizer import load_tokenizer
 
     cut = config.database.corpus.max_documents
     if config.database.corpus.source != WIKIPEDIA or cut is None:
@@ -66,7 +66,6 @@ def unseen_document(config: PlatformConfig, min_tokens: int) -> dict[str, str]:
             "the demo's knowledge update takes an article from beyond the packaged Wikipedia's "
             "database.corpus.max_documents cut: use source 'wikipedia' with max_documents set"
         )
-    tokenizer = load_tokenizer(config.db_path)
     docs = [d for d in read_documents(WIKIPEDIA, use_ray=False) if d["text"].strip()]
     for doc in docs[cut:]:
         if len(tokenizer.encode(doc["text"]).ids) >= min_tokens:
@@ -87,7 +86,8 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
 
     m = config.database.chunk_len
     n_new = config.generate.max_new_tokens
-    doc = unseen_document(config, m + n_new)
+    tokenizer = load_tokenizer(config.db_path)
+    doc = unseen_document(config, tokenizer, m + n_new)
     copy = Path(config.work_dir) / "knowledge-update" / "db"
     if copy.exists():
         shutil.rmtree(copy)
@@ -97,10 +97,9 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
         database=dataclasses.replace(config.database, path=str(copy)),
         generate=dataclasses.replace(config.generate, temperature=0.0),
     )
-    tokenizer = load_tokenizer(copy)
     ids = tokenizer.encode(doc["text"]).ids
-    prompt, truth = tokenizer.decode(ids[:m]), ids[m : m + n_new]
-    n_words = len(tokenizer.decode(truth).split())
+    prompt, truth = tokenizer.decode(ids[:m]), tokenizer.decode(ids[m : m + n_new])
+    truth_words = truth.split()
     pool = NeighborPool.start(updated)
     try:
         before, _ = complete(updated, model, pool, prompt, prompt_ids=ids[:m])
@@ -113,16 +112,17 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
 
     def matched(text: str) -> int:
         """Leading words of ``text`` equal to the article's next words."""
-        pairs = zip(text.split(), tokenizer.decode(truth).split(), strict=False)
-        return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(text.split()), n_words))
+        words = text.split()
+        pairs = enumerate(zip(words, truth_words, strict=False))
+        return next((i for i, (a, b) in pairs if a != b), min(len(words), len(truth_words)))
 
     return {
         "prompt": prompt,
-        "truth": tokenizer.decode(truth),
+        "truth": truth,
         "before": before,
         "after": after,
         "matched": (matched(before), matched(after)),
-        "words": n_words,
+        "words": len(truth_words),
         "scores": [round(s, 3) for s in used[0][2]] if used else [],
     }
 
@@ -142,8 +142,8 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
         )
         if config.database.corpus.mirror:
             print(
-                "      mirrored corpus: each article appears twice (as <id> and <id>#mirror), so most chunks "
-                "have an exact twin to retrieve; this shows the model reading its neighbours"
+                f"      mirrored corpus: each article appears twice (as <id> and <id>{MIRROR_SUFFIX}), so most "
+                "chunks have an exact twin to retrieve; this shows the model reading its neighbours"
             )
         pool = NeighborPool.start(config, manifest)
         comparison = f"{config.train.name}-{manifest['db_id']}"
