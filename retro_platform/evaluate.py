@@ -33,7 +33,7 @@ from retro_platform.serve.pool import NeighborPool
 from retro_platform.tokenizer import load_tokenizer_file
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
 from retro_platform.train.loop import evaluate_model
-from retro_platform.train.trainer import latest_checkpoint
+from retro_platform.train.trainer import latest_checkpoint, other_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: di
             f"checkpoint {checkpoint} has vocab_size {model.config.vocab_size} but the tokenizer of "
             f"{config.db_path} has {manifest['tokenizer']['vocab_size']}: it was trained with another tokenizer"
         )
-    sha = extra.get("tokenizer_sha256")
-    if sha and sha != manifest["tokenizer"]["sha256"]:
+    if other_tokenizer(extra, manifest):
         raise CheckpointError(
             f"checkpoint {checkpoint} was trained with another tokenizer than the one of {config.db_path} "
             "(same vocabulary size, different tokens): evaluate it on the database it was trained with"

@@ -83,6 +83,13 @@ def latest_checkpoint(storage: Path | str, name: str) -> Path | None:
     return max(found)[2] if found else None
 
 
+def other_tokenizer(extra: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """True when a checkpoint's metadata ``extra`` records a tokenizer other than the database's
+    (checkpoints without the record are taken as matching)."""
+    sha = extra.get("tokenizer_sha256")
+    return bool(sha) and sha != manifest["tokenizer"]["sha256"]
+
+
 def check_resumable(config: PlatformConfig, checkpoint: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Refuse to resume a checkpoint of another model or tokenizer -> its metadata."""
     model_cfg, extra = read_checkpoint_metadata(checkpoint / WEIGHTS_FILE)
@@ -93,8 +100,7 @@ def check_resumable(config: PlatformConfig, checkpoint: Path, manifest: dict[str
             f"train.name={config.train.name!r} already has a checkpoint ({checkpoint}) of a different model "
             f"(checkpoint vs config: {diff}); use a new train.name, or delete {checkpoint.parent} to start over"
         )
-    sha = extra.get("tokenizer_sha256")
-    if sha and sha != manifest["tokenizer"]["sha256"]:
+    if other_tokenizer(extra, manifest):
         raise CheckpointError(
             f"checkpoint {checkpoint} was trained with another tokenizer than the one of {config.db_path}; "
             "train on the database it was trained with, or use a new train.name"
@@ -166,8 +172,7 @@ def check_init_from(config: PlatformConfig, checkpoint: Path, manifest: dict[str
         raise CheckpointError(
             f"train.init_from: {exc}; point train.init_from to a checkpoint written by retro train"
         ) from None
-    sha = extra.get("tokenizer_sha256")
-    if sha and sha != manifest["tokenizer"]["sha256"]:
+    if other_tokenizer(extra, manifest):
         raise CheckpointError(
             f"train.init_from: checkpoint {checkpoint} was trained with another tokenizer than the one of "
             f"{config.db_path}, so its token ids mean other things; init from a checkpoint trained on this "
