@@ -95,9 +95,9 @@ class OracleMirror:
 
     def __init__(self, max_documents: int | None, vocab_size: int, chunk_len: int, seq_len: int, seed: int):
         from retro_platform.config import CorpusConfig, TokenizerConfig
-        from retro_platform.corpus import load_documents
         from retro_platform.db.chunk import document_token_ids
-        from retro_platform.tokenizer import train_tokenizer
+        from retro_platform.db.corpus import load_documents
+        from retro_platform.db.tokenizer import train_tokenizer
 
         corpus = load_documents(CorpusConfig(max_documents=max_documents, valid_fraction=0.05), use_ray=False)
         tokenizer = train_tokenizer((d["text"] for d in corpus.train), TokenizerConfig(vocab_size=vocab_size))

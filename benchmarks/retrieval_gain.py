@@ -90,7 +90,7 @@ def twin_counts(corpus: Any, include_valid: bool) -> dict[str, int]:
     The index holds the train split (plus the valid split with ``include_valid``); a valid document's
     twin is never in its own sequence.
     """
-    from retro_platform.corpus import MIRROR_SUFFIX
+    from retro_platform.db.corpus import MIRROR_SUFFIX
 
     train = {d["id"] for d in corpus.train}
     valid = [d["id"] for d in corpus.valid]
@@ -117,7 +117,7 @@ def corpus_config(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[An
     database settings, so a corpus or setting change builds a new one instead of being refused.
     """
     from retro_platform.config import load_config
-    from retro_platform.corpus import load_documents
+    from retro_platform.db.corpus import load_documents
 
     base = load_config(args.config, [*args.set, f"work_dir={args.work_dir}"])
     n = args.max_documents if args.max_documents is not None else base.database.corpus.max_documents
@@ -221,7 +221,7 @@ def run_corpus(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[Any, 
         tokens_per_step=tokens_per_step(config),
     )
     if config.train.neighbor_mode == "precomputed" and not manifest.get("neighbors"):
-        from retro_platform.serve.precompute import precompute_neighbors
+        from retro_platform.db.precompute import precompute_neighbors
 
         precompute_neighbors(config)
     pool = NeighborPool.start(config, manifest)
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from retro_platform.compare import compare_experiment
-    from retro_platform.corpus import wikipedia_summaries_path
+    from retro_platform.db.corpus import wikipedia_summaries_path
     from retro_platform.errors import RetroError
 
     command = shlex.join([".venv/bin/python", "benchmarks/retrieval_gain.py", *sys.argv[1:]])

@@ -77,7 +77,7 @@ def paired_loop(loop_config: dict) -> None:
     from retro_model.model import Retro
     from retro_platform.config import PlatformConfig
     from retro_platform.db.store import ChunkStore
-    from retro_platform.tokenizer import load_tokenizer_file
+    from retro_platform.db.tokenizer import load_tokenizer_file
     from retro_platform.train.data import BatchLoader, SequenceSource, token_byte_lengths
     from retro_platform.train.loop import build_optimizer, to_tensors
 
@@ -228,8 +228,8 @@ def main() -> None:
     from retro_platform.config import load_config
     from retro_platform.db.build import build_database
     from retro_platform.db.manifest import load_manifest
+    from retro_platform.db.precompute import precompute_neighbors
     from retro_platform.ray_utils import init_ray
-    from retro_platform.serve.precompute import precompute_neighbors
 
     work = ROOT / "work" / f"bench-online-{args.preset}"
     base = [

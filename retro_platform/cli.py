@@ -46,14 +46,14 @@ def cmd_build_db(config: PlatformConfig, args: argparse.Namespace) -> None:
 
 def cmd_query_neighbors(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Precompute the neighbour table of every chunk through the pool."""
-    from retro_platform.serve.precompute import precompute_neighbors
+    from retro_platform.db.precompute import precompute_neighbors
 
     precompute_neighbors(config)
 
 
 def cmd_add_docs(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Add documents to the database (and to a running pool)."""
-    from retro_platform.serve.update import add_documents
+    from retro_platform.db.add_docs import add_documents
 
     add_documents(config, args.files)
 

@@ -19,8 +19,8 @@ import ray
 
 from retro_platform.compare import compare_experiment
 from retro_platform.config import PlatformConfig
-from retro_platform.corpus import MIRROR_SUFFIX
 from retro_platform.db.build import build_database
+from retro_platform.db.corpus import MIRROR_SUFFIX
 from retro_platform.errors import CorpusError
 from retro_platform.evaluate import run_evaluation
 from retro_platform.generation import complete
@@ -58,7 +58,7 @@ def variant(config: PlatformConfig, kind: str, comparison: str, label: str | Non
 def unseen_document(config: PlatformConfig, tokenizer, min_tokens: int) -> dict[str, str]:
     """A packaged Wikipedia summary outside the demo's corpus cut (never trained on, never in the
     database) with at least ``min_tokens`` tokens of ``tokenizer`` (the database's)."""
-    from retro_platform.corpus import WIKIPEDIA, read_documents
+    from retro_platform.db.corpus import WIKIPEDIA, read_documents
 
     cut = config.database.corpus.max_documents
     if config.database.corpus.source != WIKIPEDIA or cut is None:
@@ -81,8 +81,8 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
     scores}: ``matched`` the number of leading generated words equal to the article's next ``words``
     words, before and after.
     """
-    from retro_platform.serve.update import add_documents
-    from retro_platform.tokenizer import load_tokenizer
+    from retro_platform.db.add_docs import add_documents
+    from retro_platform.db.tokenizer import load_tokenizer
 
     m = config.database.chunk_len
     n_new = config.generate.max_new_tokens

@@ -26,11 +26,11 @@ from retro_platform import tracking
 from retro_platform.config import PlatformConfig
 from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
+from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import CheckpointError
 from retro_platform.overlap import OverlapTotals
 from retro_platform.ray_utils import init_ray
 from retro_platform.serve.pool import NeighborPool
-from retro_platform.tokenizer import load_tokenizer_file
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
 from retro_platform.train.loop import evaluate_model
 from retro_platform.train.trainer import latest_checkpoint, other_tokenizer

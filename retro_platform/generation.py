@@ -18,10 +18,10 @@ from retro_platform.config import PlatformConfig
 from retro_platform.db.embed import Embedder
 from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
+from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.evaluate import load_compatible_model, resolve_checkpoint
 from retro_platform.ray_utils import init_ray
 from retro_platform.serve.pool import NeighborPool
-from retro_platform.tokenizer import load_tokenizer_file
 
 logger = logging.getLogger(__name__)
 

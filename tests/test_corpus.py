@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from retro_platform.config import CorpusConfig
-from retro_platform.corpus import (
+from retro_platform.db.corpus import (
     MIRROR_SUFFIX,
     corpus_digest,
     load_documents,

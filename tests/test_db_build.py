@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import debug_config
 
-from retro_platform.corpus import load_documents
 from retro_platform.db.build import build_database
+from retro_platform.db.corpus import load_documents
 from retro_platform.db.embed import Embedder
 from retro_platform.db.index import choose_factory, train_index
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest, validate_database
+from retro_platform.db.tokenizer import load_tokenizer
 from retro_platform.errors import DatabaseError
-from retro_platform.tokenizer import load_tokenizer
 
 
 def split_rows(layout: DatabaseLayout, manifest, split: str) -> list[dict]:
@@ -253,7 +253,7 @@ def test_auto_index_rule():
 
 
 def test_added_documents_survive_a_rebuild(debug_db, tmp_path):
-    from retro_platform.serve.update import add_documents
+    from retro_platform.db.add_docs import add_documents
 
     config = copy_db(debug_db, tmp_path)
     extra = tmp_path / "extra.jsonl"

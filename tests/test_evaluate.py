@@ -17,12 +17,12 @@ from retro_model.checkpoint import save_model_dir
 from retro_model.model import Retro
 from retro_platform.compare import compare_experiment
 from retro_platform.db.manifest import load_manifest
+from retro_platform.db.precompute import precompute_neighbors
 from retro_platform.db.store import ChunkStore
+from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import CheckpointError
 from retro_platform.evaluate import run_evaluation
 from retro_platform.overlap import BUCKETS, bucket_index, bucket_sums, ngram_overlap, sequence_chunk_buckets
-from retro_platform.serve.precompute import precompute_neighbors
-from retro_platform.tokenizer import load_tokenizer_file
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
 from retro_platform.train.trainer import model_for_database, run_training
 

@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 from conftest import debug_config
 
+from retro_platform.db.add_docs import add_documents
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database
+from retro_platform.db.precompute import precompute_neighbors
 from retro_platform.db.store import ChunkStore
 from retro_platform.serve.inspect import find_neighbors, show_neighbors
 from retro_platform.serve.pool import NeighborPool
-from retro_platform.serve.precompute import precompute_neighbors
-from retro_platform.serve.update import add_documents
 
 
 def copy_db(debug_db, tmp_path):

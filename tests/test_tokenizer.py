@@ -7,9 +7,8 @@ import json
 import pytest
 
 from retro_platform.config import CorpusConfig, TokenizerConfig
-from retro_platform.corpus import load_documents
-from retro_platform.errors import DatabaseError
-from retro_platform.tokenizer import (
+from retro_platform.db.corpus import load_documents
+from retro_platform.db.tokenizer import (
     EOD,
     PAD,
     eod_id,
@@ -19,6 +18,7 @@ from retro_platform.tokenizer import (
     save_tokenizer_atomic,
     train_tokenizer,
 )
+from retro_platform.errors import DatabaseError
 
 
 @pytest.fixture(scope="module")

@@ -33,15 +33,13 @@ import ray
 
 from retro_platform import tracking
 from retro_platform.config import PlatformConfig
-from retro_platform.corpus import Corpus, corpus_digest, load_documents
 from retro_platform.db import chunk as chunking
+from retro_platform.db.corpus import Corpus, corpus_digest, load_documents
 from retro_platform.db.embed import ChunkStoreEmbedder, encoder_dimension, resolve_encoder_path
 from retro_platform.db.index import choose_factory, fill_index, min_training_vectors, new_index, train_index
 from retro_platform.db.layout import FORMAT_VERSION, SPLITS, DatabaseLayout
 from retro_platform.db.manifest import load_manifest, write_manifest
-from retro_platform.errors import DatabaseError
-from retro_platform.ray_utils import init_ray
-from retro_platform.tokenizer import (
+from retro_platform.db.tokenizer import (
     eod_id,
     file_sha256,
     load_tokenizer_file,
@@ -49,6 +47,8 @@ from retro_platform.tokenizer import (
     save_tokenizer_atomic,
     train_tokenizer,
 )
+from retro_platform.errors import DatabaseError
+from retro_platform.ray_utils import init_ray
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from retro_platform.tokenizer import eod_id, pad_id
+from retro_platform.db.tokenizer import eod_id, pad_id
 
 CHUNK_SCHEMA = pa.schema(
     [

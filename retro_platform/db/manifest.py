@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
+from retro_platform.db.tokenizer import file_sha256
 from retro_platform.errors import DatabaseError
-from retro_platform.tokenizer import file_sha256
 
 EXPECTABLE = {
     "chunk_len": lambda m: m["chunk_len"],

@@ -36,8 +36,8 @@ from retro_model.model import Retro
 from retro_model.retrofit import RetrofitPlan, copy_matching_weights, count_parameters, freeze_decoder
 from retro_platform.config import PlatformConfig, TrainConfig
 from retro_platform.db.store import ChunkStore
+from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import CheckpointError
-from retro_platform.tokenizer import load_tokenizer_file
 from retro_platform.train.data import (
     BatchLoader,
     SequenceSource,

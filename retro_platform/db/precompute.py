@@ -20,9 +20,9 @@ from retro_platform.db.chunk import write_table_atomic
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database, write_manifest
 from retro_platform.db.store import ChunkStore
+from retro_platform.db.tokenizer import file_sha256
 from retro_platform.ray_utils import init_ray
 from retro_platform.serve.pool import NeighborPool
-from retro_platform.tokenizer import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import numpy as np
 import ray
 
 from retro_platform.config import PlatformConfig
-from retro_platform.corpus import read_documents
 from retro_platform.db.chunk import (
     chunk_documents,
     read_chunks,
@@ -25,14 +24,15 @@ from retro_platform.db.chunk import (
     tokens_array,
     write_table_atomic,
 )
+from retro_platform.db.corpus import read_documents
 from retro_platform.db.embed import Embedder
 from retro_platform.db.index import fill_index
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database, write_manifest
+from retro_platform.db.tokenizer import file_sha256, load_tokenizer_file
 from retro_platform.errors import CorpusError
 from retro_platform.ray_utils import init_ray
 from retro_platform.serve.pool import NeighborPool
-from retro_platform.tokenizer import file_sha256, load_tokenizer_file
 
 logger = logging.getLogger(__name__)
 

@@ -157,7 +157,7 @@ MODEL_ARTIFACT = "model"
 CHECKPOINT_ARTIFACT = "checkpoint"
 """Artifact path of the final training checkpoint (+ tokenizer.json)."""
 
-_PYFUNC_CODE = Path(__file__).resolve().parent / "train" / "mlflow_model.py"
+_PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc.py"
 
 
 def run_exists(config: PlatformConfig, run_id: str | None) -> bool:
@@ -247,7 +247,7 @@ def log_checkpoint(checkpoint_dir: str | Path, tokenizer: str | Path) -> None:
 def log_retro_model(checkpoint_dir: str | Path, tokenizer: str | Path) -> str:
     """Log the model of a checkpoint as an MLflow pyfunc model -> its model URI.
 
-    The model is logged from code (``retro_platform/train/mlflow_model.py``), not pickled: its artifact
+    The model is logged from code (``retro_platform/tracking/pyfunc.py``), not pickled: its artifact
     holds ``model.safetensors`` (weights + RetroConfig) and ``tokenizer.json``, and loading runs no code
     from the store beyond that file. ``load_retro_model`` gets the ``Retro`` back.
     """
