@@ -79,7 +79,8 @@ def paired_loop(loop_config: dict) -> None:
     from retro_platform.db.store import ChunkStore
     from retro_platform.db.tokenizer import load_tokenizer_file
     from retro_platform.train.data import BatchLoader, SequenceSource, token_byte_lengths
-    from retro_platform.train.loop import build_optimizer, to_tensors
+    from retro_platform.train.loop import build_optimizer
+    from retro_platform.train.step import batch_loss, to_tensors
 
     config = PlatformConfig.from_dict(loop_config["config"])
     tc = config.train
@@ -117,14 +118,7 @@ def paired_loop(loop_config: dict) -> None:
         tokens = 0
         for _ in range(steps):
             batch = loaders[mode].next_batch()
-            t = to_tensors(batch, device)
-            _, loss = model(
-                t["tokens"],
-                t["neighbors"],
-                targets=t["targets"],
-                loss_mask=t["loss_mask"],
-                return_logits=False,
-            )
+            loss = batch_loss(model, to_tensors(batch, device), amp=False)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -155,10 +149,10 @@ def run_paired(config, pairs: int, block: int, out: Path) -> list[tuple[str, flo
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from retro_platform.checkpoints import model_for_database
     from retro_platform.db.manifest import validate_database
     from retro_platform.ray_utils import runtime_env_vars
     from retro_platform.serve.pool import NeighborPool
-    from retro_platform.train.trainer import model_for_database
 
     manifest = validate_database(config.db_path)
     config = model_for_database(config, manifest)

@@ -16,73 +16,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import ray
 import torch
 
-from retro_model.checkpoint import load_model_dir
 from retro_platform import tracking
+from retro_platform.checkpoints import load_compatible_model, resolve_checkpoint
 from retro_platform.config import PlatformConfig
 from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
-from retro_platform.errors import CheckpointError
 from retro_platform.overlap import OverlapTotals
 from retro_platform.ray_utils import init_ray
 from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
-from retro_platform.train.loop import evaluate_model
-from retro_platform.train.trainer import latest_checkpoint, other_tokenizer
+from retro_platform.train.step import evaluate_model
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_checkpoint(config: PlatformConfig, checkpoint: str | Path | None) -> Path:
-    """An explicit checkpoint directory, or the newest one of the run ``train.name``."""
-    if checkpoint:
-        path = Path(checkpoint).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {path} does not exist")
-        return path
-    found = latest_checkpoint(config.storage_path, config.train.name)
-    if found is None:
-        raise CheckpointError(
-            f"no checkpoint of run {config.train.name!r} under {config.storage_path}; "
-            "train first, set train.name, or pass --checkpoint DIR"
-        )
-    return found
-
-
-def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: dict[str, Any]):
-    """Load a checkpoint and refuse it when it does not match the database -> (model, extra)."""
-    try:
-        model, extra = load_model_dir(checkpoint)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CheckpointError(str(exc)) from None
-    if model.config.chunk_len != manifest["chunk_len"]:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} has chunk_len {model.config.chunk_len} but database {config.db_path} "
-            f"has {manifest['chunk_len']}: evaluate it on the database it was trained with"
-        )
-    if model.config.vocab_size != manifest["tokenizer"]["vocab_size"]:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} has vocab_size {model.config.vocab_size} but the tokenizer of "
-            f"{config.db_path} has {manifest['tokenizer']['vocab_size']}: it was trained with another tokenizer"
-        )
-    if other_tokenizer(extra, manifest):
-        raise CheckpointError(
-            f"checkpoint {checkpoint} was trained with another tokenizer than the one of {config.db_path} "
-            "(same vocabulary size, different tokens): evaluate it on the database it was trained with"
-        )
-    if extra.get("db_id") and extra["db_id"] != manifest["db_id"]:
-        logger.warning(
-            "checkpoint %s was trained on database %s, evaluating on %s",
-            checkpoint,
-            extra["db_id"],
-            manifest["db_id"],
-        )
-    return model, extra
 
 
 def run_evaluation(

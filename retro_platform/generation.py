@@ -14,12 +14,12 @@ import ray
 import torch
 
 from retro_model.generate import generate
+from retro_platform.checkpoints import load_compatible_model, resolve_checkpoint
 from retro_platform.config import PlatformConfig
 from retro_platform.db.embed import Embedder
 from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
-from retro_platform.evaluate import load_compatible_model, resolve_checkpoint
 from retro_platform.ray_utils import init_ray
 from retro_platform.serve.pool import NeighborPool
 

@@ -15,6 +15,7 @@ from conftest import debug_config
 
 from retro_model.checkpoint import save_model_dir
 from retro_model.model import Retro
+from retro_platform.checkpoints import model_for_database
 from retro_platform.compare import compare_experiment
 from retro_platform.db.manifest import load_manifest
 from retro_platform.db.precompute import precompute_neighbors
@@ -24,7 +25,7 @@ from retro_platform.errors import CheckpointError
 from retro_platform.evaluate import run_evaluation
 from retro_platform.overlap import BUCKETS, bucket_index, bucket_sums, ngram_overlap, sequence_chunk_buckets
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
-from retro_platform.train.trainer import model_for_database, run_training
+from retro_platform.train.trainer import run_training
 
 
 @pytest.fixture(scope="module")

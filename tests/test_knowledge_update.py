@@ -18,11 +18,11 @@ from conftest import debug_config
 
 from retro_model.checkpoint import save_model_dir
 from retro_model.model import Retro
+from retro_platform.checkpoints import model_for_database
 from retro_platform.db.add_docs import add_documents
 from retro_platform.db.manifest import load_manifest
 from retro_platform.generation import run_generation
 from retro_platform.serve.pool import NeighborPool
-from retro_platform.train.trainer import model_for_database
 
 FACT = (
     "The Zorblatt Quasiphone is a brass instrument that was invented in the year 2031 on the island of "

@@ -115,7 +115,8 @@ def retrofit_config(work, db_path, name, *overrides):
 
 
 def test_retrofit_copies_the_baseline_decoder_and_trains_only_retrieval(debug_db, tmp_path):
-    from retro_platform.train.trainer import model_for_database, run_training
+    from retro_platform.checkpoints import model_for_database
+    from retro_platform.train.trainer import run_training
 
     db_config, manifest = debug_db
     baseline_out = run_training(
@@ -181,7 +182,8 @@ def test_retrofit_copies_the_baseline_decoder_and_trains_only_retrieval(debug_db
 
 
 def test_init_from_refuses_missing_and_mismatched_checkpoints_before_writing(debug_db, tmp_path):
-    from retro_platform.train.trainer import model_for_database, run_training
+    from retro_platform.checkpoints import model_for_database
+    from retro_platform.train.trainer import run_training
 
     db_config, manifest = debug_db
     model_cfg = model_for_database(retrofit_config(tmp_path, db_config.db_path, "x"), manifest).model
@@ -213,7 +215,7 @@ def test_init_from_refuses_missing_and_mismatched_checkpoints_before_writing(deb
 
 
 def test_a_resumed_run_keeps_its_freeze_setting(tmp_path):
-    from retro_platform.train.trainer import check_resumable, model_for_database
+    from retro_platform.checkpoints import check_resumable, model_for_database
 
     manifest = {
         "chunk_len": 64,

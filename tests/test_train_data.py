@@ -16,6 +16,12 @@ import pytest
 from retro_model.checkpoint import load_model_dir, save_model_dir
 from retro_model.config import RetroConfig
 from retro_model.model import Retro
+from retro_platform.checkpoints import (
+    check_resumable,
+    load_training_state,
+    model_for_database,
+    save_training_state,
+)
 from retro_platform.config import TrainConfig, load_config
 from retro_platform.db.chunk import CHUNK_SCHEMA, save_npy_atomic, write_table_atomic
 from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
@@ -28,8 +34,7 @@ from retro_platform.train.data import (
     bits_per_byte,
     evaluation_batches,
 )
-from retro_platform.train.loop import build_optimizer, load_training_state, lr_at, save_training_state
-from retro_platform.train.trainer import check_resumable, model_for_database
+from retro_platform.train.loop import build_optimizer, lr_at
 
 M = 4  # chunk length of the synthetic database
 PAD = 0

@@ -6,6 +6,7 @@ the manifest's shard starts; arrays are memory-mapped, so opening a store is che
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,29 @@ class ChunkStore:
     def texts(self, chunk_ids) -> list[str]:
         """Decoded text of each chunk."""
         return list(self._gather(chunk_ids, lambda i, rows: self._shard_columns(i)["text"][rows]))
+
+
+def neighbor_tokens(
+    ids: np.ndarray,
+    tokens_of: Callable[[np.ndarray], np.ndarray],
+    doc_ids_of: Callable[[np.ndarray], np.ndarray],
+    num_chunks: int,
+    chunk_len: int,
+    pad: int,
+) -> np.ndarray:
+    """Neighbour tokens [..., 2m] of chunk ids [...] (-1 = none -> all padding): the chunk, then the next
+    chunk of the same document as its continuation (padding at the end of a document).
+
+    ``tokens_of`` / ``doc_ids_of`` read [q, m] tokens / [q] document ids of an array of ids < ``num_chunks``
+    (a ChunkStore's global ids, or a shard actor's local rows).
+    """
+    flat = np.asarray(ids).reshape(-1)
+    valid = flat >= 0
+    rows = np.where(valid, flat, 0)
+    nxt = np.minimum(rows + 1, num_chunks - 1)
+    same_doc = valid & (rows + 1 < num_chunks)
+    same_doc[same_doc] = doc_ids_of(nxt[same_doc]) == doc_ids_of(rows[same_doc])
+    out = np.full((len(flat), 2 * chunk_len), pad, dtype=np.int32)
+    out[valid, :chunk_len] = tokens_of(rows[valid])
+    out[same_doc, chunk_len:] = tokens_of(nxt[same_doc])
+    return out.reshape(*np.shape(ids), 2 * chunk_len)

@@ -19,24 +19,9 @@ import ray
 from retro_platform.db.index import set_search_params
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest
+from retro_platform.db.store import neighbor_tokens
 
 logger = logging.getLogger(__name__)
-
-
-def continuation_tokens(tokens: np.ndarray, doc_ids: np.ndarray, local: np.ndarray, pad: int) -> np.ndarray:
-    """Neighbour tokens [..., 2m]: chunk ``local`` then the next chunk of the same document (or padding).
-
-    tokens [n, m], doc_ids [n], local [...] row numbers (-1 for a missing neighbour -> all padding).
-    """
-    n, m = tokens.shape
-    valid = local >= 0
-    rows = np.where(valid, local, 0)
-    nxt = np.minimum(rows + 1, n - 1)
-    has_next = valid & (rows + 1 < n) & (doc_ids[nxt] == doc_ids[rows])
-    out = np.full((*local.shape, 2 * m), pad, dtype=np.int32)
-    out[..., :m] = np.where(valid[..., None], tokens[rows], pad)
-    out[..., m:] = np.where(has_next[..., None], tokens[nxt], pad)
-    return out
 
 
 @ray.remote
@@ -119,5 +104,12 @@ class ShardActor:
             "scores": scores,
             "chunk_ids": np.where(valid, local + self.chunk_start, -1),
             "doc_ids": doc.astype(np.int64),
-            "tokens": continuation_tokens(self.tokens, self.doc_ids, local, self.pad_id),
+            "tokens": neighbor_tokens(
+                local,
+                self.tokens.__getitem__,
+                self.doc_ids.__getitem__,
+                len(self.tokens),
+                self.tokens.shape[1],
+                self.pad_id,
+            ),
         }

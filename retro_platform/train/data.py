@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from retro_platform.db.store import ChunkStore
+from retro_platform.db.store import ChunkStore, neighbor_tokens
 from retro_platform.errors import DatabaseError
 from retro_platform.serve.pool import NeighborPool
 
@@ -151,15 +151,8 @@ class SequenceSource:
 
     def neighbor_tokens(self, neighbor_ids: np.ndarray) -> np.ndarray:
         """[q, k] chunk ids (-1 = none) -> [q, k, 2m] chunk + continuation tokens (as the pool returns)."""
-        flat = neighbor_ids.reshape(-1)
-        valid = flat >= 0
-        ids = np.where(valid, flat, 0)
-        nxt = np.minimum(ids + 1, self.store.num_chunks - 1)
-        same_doc = valid & (nxt == ids + 1) & (self.store.doc_ids(nxt) == self.store.doc_ids(ids))
-        out = np.full((len(flat), 2 * self.m), self.pad, dtype=np.int32)
-        out[valid, : self.m] = self.store.tokens(ids[valid])
-        out[same_doc, self.m :] = self.store.tokens(nxt[same_doc])
-        return out.reshape(*neighbor_ids.shape, 2 * self.m)
+        store = self.store
+        return neighbor_tokens(neighbor_ids, store.tokens, store.doc_ids, store.num_chunks, self.m, self.pad)
 
     # ---- one synchronous batch (evaluation) -------------------------------------------------------
     def batch(self, sequence_ids: np.ndarray, mode: str | None, pool: NeighborPool | None = None) -> Batch:

@@ -18,38 +18,32 @@ import json
 import logging
 import math
 import os
-import pickle
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
-from retro_model.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
+from retro_model.checkpoint import load_model_dir
 from retro_model.model import Retro
-from retro_model.retrofit import RetrofitPlan, copy_matching_weights, count_parameters, freeze_decoder
+from retro_model.retrofit import count_parameters, freeze_decoder
+from retro_platform.checkpoints import init_from_checkpoint, load_training_state, save_training_state
 from retro_platform.config import PlatformConfig, TrainConfig
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
-from retro_platform.errors import CheckpointError
 from retro_platform.train.data import (
     BatchLoader,
     SequenceSource,
-    bits_per_byte,
     evaluation_batches,
     token_byte_lengths,
 )
+from retro_platform.train.step import batch_loss, evaluate_model, to_tensors
 
 logger = logging.getLogger("retro.train")
-
-STATE_FILE = "train_state.pt"
-"""Optimizer, scheduler, step, data position and config inside a checkpoint directory."""
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -67,147 +61,6 @@ def build_optimizer(
     optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config) / config.lr)
     return optimizer, scheduler
-
-
-def to_tensors(batch, device: torch.device) -> dict[str, torch.Tensor | None]:
-    """numpy Batch -> tensors on the device."""
-    return {
-        "tokens": torch.from_numpy(batch.tokens).to(device),
-        "targets": torch.from_numpy(batch.targets).to(device),
-        "loss_mask": torch.from_numpy(batch.loss_mask).to(device),
-        "neighbors": None if batch.neighbors is None else torch.from_numpy(batch.neighbors).to(device),
-    }
-
-
-@torch.no_grad()
-def evaluate_model(
-    model: Retro,
-    source: SequenceSource,
-    batches: list[np.ndarray],
-    pool,
-    mode: str | None,
-    device: torch.device,
-    amp: bool,
-    per_token: Any = None,
-    max_logits: int = 2**26,
-) -> dict[str, float]:
-    """Valid loss / bits-per-byte with retrieval (when the model has it and ``mode`` is set) and off.
-
-    -> ``valid_loss_retrieval``, ``valid_bpb_retrieval`` (RETRO only), ``valid_loss_no_retrieval``,
-    ``valid_bpb_no_retrieval``; losses are token-weighted means in nats. Each batch is fetched once
-    and scored in both settings (the same chunks; retrieval off = neighbours removed).
-
-    ``per_token`` (optional) is called as ``per_token(label, batch, losses)`` for every batch and
-    setting (``label`` "retrieval" / "no_retrieval"), with ``losses`` [b, n] the per-position loss in
-    nats (0 where not scored), computed from the logits ``max_logits`` elements at a time instead of
-    the chunked mean. With it, batches carry neighbours from ``mode`` even for the baseline (which
-    never reads them), so the callback can relate losses to them (``retro_platform.overlap``).
-    """
-    was_training = model.training
-    model.eval()
-    results: dict[str, float] = {}
-    settings = ["no_retrieval"]
-    if model.config.retrieval and mode is not None:
-        settings.insert(0, "retrieval")
-    fetch = mode if "retrieval" in settings or per_token is not None else None
-    sums = {label: [0.0, 0, 0] for label in settings}  # summed loss (nats), scored tokens, target bytes
-    for sequence_ids in batches:
-        batch = source.batch(sequence_ids, fetch, pool)
-        t = to_tensors(batch, device)
-        for label in settings:
-            neighbors = t["neighbors"] if label == "retrieval" else None
-            if per_token is None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    _, loss = model(
-                        t["tokens"],
-                        neighbors,
-                        targets=t["targets"],
-                        loss_mask=t["loss_mask"],
-                        return_logits=False,
-                    )
-                loss_sum = float(loss) * int(batch.loss_mask.sum())
-            else:
-                b, n = batch.tokens.shape
-                rows = max(1, max_logits // (n * model.config.vocab_size))  # rows whose logits fit
-                ignore = (t["targets"] == model.config.pad_id) | (t["loss_mask"] == 0)  # (b, n)
-                losses = torch.zeros(b, n, dtype=torch.float32, device=device)
-                for start in range(0, b, rows):
-                    part = slice(start, start + rows)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        logits, _ = model(t["tokens"][part], None if neighbors is None else neighbors[part])
-                    losses[part] = torch.nn.functional.cross_entropy(
-                        logits.float().transpose(1, 2),  # (rows, V, n)
-                        t["targets"][part].masked_fill(ignore[part], 0),
-                        reduction="none",
-                    ).masked_fill(ignore[part], 0.0)
-                token_losses = losses.double().cpu().numpy()
-                per_token(label, batch, token_losses)
-                loss_sum = float(token_losses.sum())
-            sums[label][0] += loss_sum
-            sums[label][1] += int(batch.loss_mask.sum())
-            sums[label][2] += batch.target_bytes
-    for label, (loss_sum, tokens, nbytes) in sums.items():
-        results[f"valid_loss_{label}"] = loss_sum / max(1, tokens)
-        results[f"valid_bpb_{label}"] = bits_per_byte(loss_sum, int(nbytes))
-    model.train(was_training)
-    return results
-
-
-def save_training_state(
-    directory: Path,
-    model: Retro,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    step: int,
-    position: int,
-    config: dict[str, Any],
-    extra: dict[str, Any],
-) -> None:
-    """Write a checkpoint: model.safetensors (weights, RetroConfig, ``extra``) + train_state.pt."""
-    save_model_dir(directory, model, extra={**extra, "step": step})
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "data_position": position,
-            "config": config,
-        },
-        directory / STATE_FILE,
-    )
-
-
-def load_training_state(
-    directory: str | Path, optimizer: torch.optim.Optimizer, scheduler
-) -> tuple[int, int]:
-    """Restore optimizer and scheduler from a checkpoint (``weights_only``: no code runs) -> (step, position).
-
-    The model weights are loaded separately, before DDP wraps the model.
-    """
-    path = Path(directory) / STATE_FILE
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} holds something other than tensors and plain containers; it was not loaded (no "
-            f"code from checkpoints is ever run). Remove that checkpoint or start a new train.name ({exc})"
-        ) from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"]), int(state["data_position"])
-
-
-def init_from_checkpoint(model: Retro, directory: str | Path) -> RetrofitPlan:
-    """Copy the tensors a checkpoint shares with ``model`` (same name and shape) into it -> the plan.
-
-    Retrieval tensors the checkpoint lacks (a decoder-only baseline's) keep their initialisation.
-    CheckpointError when the checkpoint does not fit (the driver checks this before training starts).
-    """
-    path = Path(directory) / WEIGHTS_FILE
-    try:
-        return copy_matching_weights(model, load_file(str(path), device="cpu"))
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"train.init_from: checkpoint {path} does not fit the model: {exc}") from None
 
 
 def _progress_logging() -> None:
@@ -338,14 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 model.no_sync() if not last_micro and hasattr(model, "no_sync") else contextlib.nullcontext()
             )
             with sync:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    _, loss = model(
-                        t["tokens"],
-                        t["neighbors"],
-                        targets=t["targets"],
-                        loss_mask=t["loss_mask"],
-                        return_logits=False,  # the loss without materialising [b, n, V] logits
-                    )
+                loss = batch_loss(model, t, amp)
                 (loss / train_cfg.grad_accum).backward()
             loss_sum += loss.detach() / train_cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or math.inf)

@@ -19,9 +19,9 @@ from conftest import debug_config
 
 from retro_model.checkpoint import save_model_dir
 from retro_model.model import Retro
+from retro_platform.checkpoints import model_for_database
 from retro_platform.cli import main
 from retro_platform.db.manifest import validate_database
-from retro_platform.train.trainer import model_for_database
 
 
 def truncate_index_shard(db):

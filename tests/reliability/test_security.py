@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
+from retro_platform.checkpoints import load_training_state
 from retro_platform.config import load_config
 from retro_platform.errors import CheckpointError
-from retro_platform.train.loop import load_training_state
 
 REPO = Path(__file__).resolve().parents[2]
 
