@@ -13,13 +13,9 @@ import sys
 from collections.abc import Callable
 
 from retro_platform.config import PlatformConfig, load_config
-from retro_platform.errors import RetroError
+from retro_platform.errors import RetroError, UserError
 
 logger = logging.getLogger("retro")
-
-
-class UserError(RetroError):
-    """An error in the command line itself."""
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str = "demo") -> None:
@@ -141,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        force=True,  # the command owns the process's logging: replace handlers bound to an old stderr
     )
     try:
         config = load_config(args.config, args.overrides)
         args.func(config, args)
-    except (RetroError, ValueError, FileNotFoundError) as exc:
+    except RetroError as exc:
         logger.debug("details", exc_info=True)
         print(f"retro {args.command}: error: {exc}", file=sys.stderr)
         return 2

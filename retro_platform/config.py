@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from retro_model.config import RetroConfig
+from retro_platform.errors import ConfigError, ConfigFileNotFoundError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 """Folder of the named presets shipped with the project."""
@@ -27,7 +28,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def _check(condition: bool, setting: str, message: str) -> None:
     if not condition:
-        raise ValueError(f"config error in {setting}: {message}")
+        raise ConfigError(f"config error in {setting}: {message}")
 
 
 @dataclass
@@ -462,21 +463,21 @@ def _coerce(value: Any, annotation: Any, setting: str) -> Any:
                 return _coerce(value, arg, setting)
             except ValueError as exc:
                 errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"config error in {setting}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"config error in {setting}: bad value {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config error in {setting}: expected a list, got {value!r}")
+            raise ConfigError(f"config error in {setting}: expected a list, got {value!r}")
         return tuple(_coerce(v, args[0], setting) for v in value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"config error in {setting}: expected true/false, got {value!r}")
+        raise ConfigError(f"config error in {setting}: expected true/false, got {value!r}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValueError(f"config error in {setting}: expected an integer, got {value!r}")
+        raise ConfigError(f"config error in {setting}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -485,23 +486,23 @@ def _coerce(value: Any, annotation: Any, setting: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ValueError(f"config error in {setting}: expected a number, got {value!r}")
+        raise ConfigError(f"config error in {setting}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"config error in {setting}: expected a string, got {value!r}")
+        raise ConfigError(f"config error in {setting}: expected a string, got {value!r}")
     return value
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ValueError(f"config error in {prefix or '<root>'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"config error in {prefix or '<root>'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
-        raise ValueError(
+        raise ConfigError(
             f"config error: unknown key(s) {[prefix + u for u in unknown]} in {where}; "
             f"known keys: {sorted(fields)}"
         )
@@ -518,7 +519,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         msg = str(exc)
         if msg.startswith("RetroConfig."):
             msg = "config error in model." + msg[len("RetroConfig.") :]
-        raise ValueError(msg) from None
+        raise ConfigError(msg) from None
 
 
 def _parse_scalar(text: str) -> Any:
@@ -530,14 +531,14 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     """Apply ``section.field=value`` strings to a nested dict (in place) and return it."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value (e.g. train.steps=100), got {item!r}")
+            raise ConfigError(f"--set expects key=value (e.g. train.steps=100), got {item!r}")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         target = values
         for part in parts[:-1]:
             node = target.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {part!r} is a value, not a section")
+                raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
             target = node
         target[parts[-1]] = _parse_scalar(raw)
     return values
@@ -548,12 +549,14 @@ def find_preset(name_or_path: str) -> Path:
     candidate = Path(name_or_path).expanduser()
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.exists():
-            raise FileNotFoundError(f"config file {candidate} does not exist")
+            raise ConfigFileNotFoundError(f"config file {candidate} does not exist")
         return candidate
     preset = CONFIGS_DIR / f"{name_or_path}.yaml"
     if not preset.exists():
         names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no preset named {name_or_path!r}; presets: {names} (or pass a YAML path)")
+        raise ConfigFileNotFoundError(
+            f"no preset named {name_or_path!r}; presets: {names} (or pass a YAML path)"
+        )
     return preset
 
 
@@ -581,13 +584,13 @@ def load_config(name_or_path: str | None = "demo", overrides: list[str] | None =
 
 def _read_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
-        raise ValueError(f"config {path} inherits from itself through 'base'")
+        raise ConfigError(f"config {path} inherits from itself through 'base'")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping at the top level")
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = values.pop("base", None)
     if base is None:
         return values

