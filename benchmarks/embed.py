@@ -34,8 +34,9 @@ logger = logging.getLogger("benchmarks.embed")
 def write_chunk_shard(folder: Path, n: int, rows_per_task: int) -> Path:
     """A chunk-store shard of the first ``n`` chunks of the corpus (BPE trained on those documents)."""
     from retro_platform.config import CorpusConfig, TokenizerConfig
-    from retro_platform.db.chunk import chunk_documents, write_table_atomic
+    from retro_platform.db.chunk import chunk_documents
     from retro_platform.db.corpus import load_documents
+    from retro_platform.db.files import write_table_atomic
     from retro_platform.db.tokenizer import train_tokenizer
 
     docs = load_documents(

@@ -15,8 +15,6 @@ import shutil
 import time
 from pathlib import Path
 
-import ray
-
 from retro_platform.compare import compare_experiment
 from retro_platform.config import PlatformConfig
 from retro_platform.db.build import build_database
@@ -24,7 +22,7 @@ from retro_platform.db.corpus import MIRROR_SUFFIX
 from retro_platform.errors import CorpusError
 from retro_platform.evaluate import run_evaluation
 from retro_platform.generation import complete
-from retro_platform.ray_utils import init_ray
+from retro_platform.ray_utils import ray_session
 from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.trainer import run_training
 
@@ -130,9 +128,7 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
 def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
     """Run the demo -> {'rows': comparison rows, 'completion': text, 'update': knowledge update}."""
     t0 = time.perf_counter()
-    started = init_ray(config)
-    pool = None
-    try:
+    with ray_session(config) as session:
         print(f"[1/6] building the retrieval database in {config.db_path}")
         manifest = build_database(config)
         counts = manifest["counts"]
@@ -145,7 +141,7 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
                 f"      mirrored corpus: each article appears twice (as <id> and <id>{MIRROR_SUFFIX}), so most "
                 "chunks have an exact twin to retrieve; this shows the model reading its neighbours"
             )
-        pool = NeighborPool.start(config, manifest)
+        pool = session.start_pool(manifest)
         comparison = f"{config.train.name}-{manifest['db_id']}"
         trained, scores = {}, {}
         for step, kind in ((2, "retro"), (3, "baseline")):
@@ -195,8 +191,3 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
             f"open the UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000"
         )
         return {"rows": rows, "completion": text, "update": update, "scores": scores}
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if started:
-            ray.shutdown()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import ray
 import torch
 
 from retro_platform import tracking
@@ -27,7 +26,7 @@ from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.overlap import OverlapTotals
-from retro_platform.ray_utils import init_ray
+from retro_platform.ray_utils import ray_session
 from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
 from retro_platform.train.step import evaluate_model
@@ -48,9 +47,7 @@ def run_evaluation(
     ``retro_platform.overlap.BUCKETS``). Also logged to MLflow as ``eval_*``. ``pool`` reuses a running
     NeighborPool for online neighbours.
     """
-    started = init_ray(config)
-    own_pool = False
-    try:
+    with ray_session(config) as session:
         manifest = validate_database(config.db_path)
         path = resolve_checkpoint(config, checkpoint)
         model, extra = load_compatible_model(config, path, manifest)
@@ -68,7 +65,7 @@ def run_evaluation(
             )
             by_overlap, mode = False, None
         if mode == "online" and pool is None:
-            pool, own_pool = NeighborPool.start(config, manifest), True
+            pool = session.start_pool(manifest)
         totals = OverlapTotals(store.chunk_len, source.pad, token_bytes) if by_overlap else None
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         amp = config.train.amp == "bf16" or (config.train.amp == "auto" and device.type == "cuda")
@@ -100,8 +97,3 @@ def run_evaluation(
                     run.info.run_id,
                 )
         return metrics
-    finally:
-        if own_pool and pool is not None:
-            pool.shutdown()
-        if started:
-            ray.shutdown()

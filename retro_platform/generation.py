@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import ray
 import torch
 
 from retro_model.generate import generate
@@ -20,7 +19,7 @@ from retro_platform.db.embed import Embedder
 from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
-from retro_platform.ray_utils import init_ray
+from retro_platform.ray_utils import ray_session
 from retro_platform.serve.pool import NeighborPool
 
 logger = logging.getLogger(__name__)
@@ -81,13 +80,11 @@ def complete(
 
 def run_generation(config: PlatformConfig, prompt: str, checkpoint: str | None = None) -> str:
     """Print and return a completion of ``prompt`` with the neighbours it read."""
-    started = init_ray(config)
-    pool = None
-    try:
+    with ray_session(config) as session:
         manifest = validate_database(config.db_path)
         model, _ = load_compatible_model(config, resolve_checkpoint(config, checkpoint), manifest)
         if model.config.retrieval:
-            pool = NeighborPool.start(config, manifest)
+            pool = session.start_pool(manifest)
         text, used = complete(config, model, pool, prompt)
         print(f"{prompt}{text}")
         store = ChunkStore(config.db_path, manifest)
@@ -97,8 +94,3 @@ def run_generation(config: PlatformConfig, prompt: str, checkpoint: str | None =
                 if cid >= 0:
                     print(f"    {score:.3f} {store.texts([cid])[0][:90]!r}")
         return text
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if started:
-            ray.shutdown()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import ray
 
 from retro_platform.config import PlatformConfig
+from retro_platform.output import QUIET_ENV_VARS, VERBOSE_ENV, filter_ray_worker_lines
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +25,10 @@ DEFAULT_ENV_VARS = {
 
 
 def runtime_env_vars() -> dict[str, str]:
-    """Environment variables every Ray worker of the platform needs (caller's values win)."""
+    """Environment variables every Ray worker of the platform needs (caller's values win), with the
+    driver's choice of output (``retro -v`` or quiet, see ``retro_platform.output``)."""
     env = dict(DEFAULT_ENV_VARS)
-    for name in (*DEFAULT_ENV_VARS, "MLFLOW_TRACKING_URI"):
+    for name in (*DEFAULT_ENV_VARS, "MLFLOW_TRACKING_URI", VERBOSE_ENV, *QUIET_ENV_VARS):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -50,6 +55,7 @@ def init_ray(config: PlatformConfig) -> bool:
         # instead of being refused as a conflict; ours carries the job's values (read from os.environ).
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, namespace=ray_config.namespace, runtime_env=env, log_to_driver=True)
+        filter_ray_worker_lines()
         return True
     num_cpus = ray_config.num_cpus or os.cpu_count() or 1
     logger.info(
@@ -69,4 +75,37 @@ def init_ray(config: PlatformConfig) -> bool:
         runtime_env=env,
         log_to_driver=True,
     )
+    filter_ray_worker_lines()
     return True
+
+
+class RaySession:
+    """What a command holds while Ray is up: its config and the neighbour pools it started."""
+
+    def __init__(self, config: PlatformConfig):
+        self.config = config
+        self.pools: list = []
+
+    def start_pool(self, manifest: dict[str, Any] | None = None, config: PlatformConfig | None = None):
+        """Start a NeighborPool over the database (``config``: another than the session's) that the
+        session shuts down when it ends."""
+        from retro_platform.serve.pool import NeighborPool  # the pool imports the database modules
+
+        pool = NeighborPool.start(config or self.config, manifest)
+        self.pools.append(pool)
+        return pool
+
+
+@contextlib.contextmanager
+def ray_session(config: PlatformConfig) -> Iterator[RaySession]:
+    """Ray for one command: joined or started by ``init_ray``; on exit (also on error) the pools the
+    session started are shut down, then Ray itself when this session started it."""
+    started = init_ray(config)
+    session = RaySession(config)
+    try:
+        yield session
+    finally:
+        for pool in reversed(session.pools):
+            pool.shutdown()
+        if started:
+            ray.shutdown()

@@ -23,7 +23,8 @@ from retro_platform.checkpoints import (
     save_training_state,
 )
 from retro_platform.config import TrainConfig, load_config
-from retro_platform.db.chunk import CHUNK_SCHEMA, save_npy_atomic, write_table_atomic
+from retro_platform.db.chunk import CHUNK_SCHEMA
+from retro_platform.db.files import save_npy_atomic, write_table_atomic
 from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
 from retro_platform.db.store import ChunkStore
 from retro_platform.errors import CheckpointError, DatabaseError

@@ -14,24 +14,22 @@ from typing import Any
 
 import faiss
 import numpy as np
-import ray
 
 from retro_platform.config import PlatformConfig
 from retro_platform.db.chunk import (
     chunk_documents,
     read_chunks,
-    save_npy_atomic,
     tokens_array,
-    write_table_atomic,
 )
 from retro_platform.db.corpus import read_documents
 from retro_platform.db.embed import Embedder
+from retro_platform.db.files import file_sha256, save_npy_atomic, write_index_atomic, write_table_atomic
 from retro_platform.db.index import fill_index
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database, write_manifest
-from retro_platform.db.tokenizer import file_sha256, load_tokenizer_file
+from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import CorpusError
-from retro_platform.ray_utils import init_ray
+from retro_platform.ray_utils import ray_session
 from retro_platform.serve.pool import NeighborPool
 
 logger = logging.getLogger(__name__)
@@ -54,8 +52,7 @@ def add_documents(
     config: PlatformConfig, files: list[str], pool: NeighborPool | None = None
 ) -> dict[str, Any]:
     """Add the documents of ``files`` as a new shard; a given ``pool`` starts serving it at once."""
-    started = init_ray(config)
-    try:
+    with ray_session(config):
         manifest = validate_database(config.db_path)
         layout = DatabaseLayout(config.db_path)
         docs = [doc for f in files for doc in read_documents(str(Path(f).expanduser()), use_ray=False)]
@@ -89,9 +86,7 @@ def add_documents(
         }
         write_table_atomic(table, paths["chunks"])
         save_npy_atomic(vectors, paths["embeddings"])
-        tmp = paths["index"].with_name(f".{paths['index'].name}.tmp")
-        faiss.write_index(index, str(tmp))
-        tmp.replace(paths["index"])
+        write_index_atomic(index, paths["index"])
         save_npy_atomic(tokens_array(table, manifest["chunk_len"]), paths["tokens"])
         save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), paths["doc_ids"])
         n = table.num_rows
@@ -127,6 +122,3 @@ def add_documents(
         if pool is not None:
             pool.refresh(config, manifest)
         return manifest
-    finally:
-        if started:
-            ray.shutdown()

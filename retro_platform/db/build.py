@@ -36,19 +36,19 @@ from retro_platform.config import PlatformConfig
 from retro_platform.db import chunk as chunking
 from retro_platform.db.corpus import Corpus, corpus_digest, load_documents
 from retro_platform.db.embed import ChunkStoreEmbedder, encoder_dimension, resolve_encoder_path
+from retro_platform.db.files import file_sha256, save_npy_atomic, write_index_atomic, write_table_atomic
 from retro_platform.db.index import choose_factory, fill_index, min_training_vectors, new_index, train_index
 from retro_platform.db.layout import FORMAT_VERSION, SPLITS, DatabaseLayout
 from retro_platform.db.manifest import load_manifest, write_manifest
 from retro_platform.db.tokenizer import (
     eod_id,
-    file_sha256,
     load_tokenizer_file,
     pad_id,
     save_tokenizer_atomic,
     train_tokenizer,
 )
 from retro_platform.errors import DatabaseError
-from retro_platform.ray_utils import init_ray
+from retro_platform.ray_utils import ray_session
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,6 @@ def shard_ranges(n_docs: int, num_shards: int) -> list[tuple[int, int]]:
     num_shards = max(1, min(num_shards, n_docs))
     bounds = [round(i * n_docs / num_shards) for i in range(num_shards + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(num_shards)]
-
-
-def _write_index_atomic(index: faiss.Index, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
 
 
 class _Builder:
@@ -286,7 +279,7 @@ class _Builder:
             if table.num_rows != row["chunk_end"] - row["chunk_start"]:
                 raise RuntimeError(f"shard {row['shard']}: chunk count changed between planning and writing")
             path = DatabaseLayout(root).chunks(row["split"], row["shard"])
-            chunking.write_table_atomic(table, path, row_group_size=row_group)
+            write_table_atomic(table, path, row_group_size=row_group)
             return {"shard": row["shard"], "split": row["split"], "rows": table.num_rows}
 
         items = []
@@ -368,7 +361,7 @@ class _Builder:
                 filled[i] += int(sel.sum())
                 if filled[i] == len(arrays[i]):
                     path = self.layout.embeddings(s["split"], s["shard"])
-                    chunking.save_npy_atomic(arrays.pop(i), path)
+                    save_npy_atomic(arrays.pop(i), path)
                     self.record(path, [self.layout.chunks(s["split"], s["shard"])])
                     self.checkpoint(fingerprint)
         if arrays:
@@ -402,7 +395,7 @@ class _Builder:
                 rows = np.sort(rng.choice(n, size=take, replace=False))
                 sample.append(np.asarray(vectors[rows], dtype=np.float32))
             trained = train_index(factory, np.concatenate(sample), use_gpu=index_cfg.use_gpu)
-            _write_index_atomic(trained, trained_path)
+            write_index_atomic(trained, trained_path)
             self.record(trained_path, emb_paths)
             self.checkpoint(fingerprint)
         # graph indexes (HNSW) are order-dependent when filled on several threads
@@ -420,10 +413,10 @@ class _Builder:
                     index = fill_index(
                         trained, np.load(emb_path, mmap_mode="r"), index_cfg.add_block, index_cfg.use_gpu
                     )
-                _write_index_atomic(index, outputs[0][0])
+                write_index_atomic(index, outputs[0][0])
                 table = chunking.read_chunks(chunks_path, ["tokens", "doc_id"])
-                chunking.save_npy_atomic(chunking.tokens_array(table, self.db.chunk_len), outputs[1][0])
-                chunking.save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), outputs[2][0])
+                save_npy_atomic(chunking.tokens_array(table, self.db.chunk_len), outputs[1][0])
+                save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), outputs[2][0])
                 for path, inputs in outputs:
                     self.record(path, inputs)
                 self.checkpoint(fingerprint)
@@ -633,8 +626,7 @@ def build_database(config: PlatformConfig) -> dict[str, Any]:
     Logs the config as params, counts and per-stage throughput as metrics, and manifest.json as an
     artifact of an MLflow run tagged ``stage=build-db``.
     """
-    started = init_ray(config)
-    try:
+    with ray_session(config):
         builder = _Builder(config)
         with tracking.start_run(config, stage="build-db") as run:
             tracking.log_params(config.flatten())
@@ -647,6 +639,3 @@ def build_database(config: PlatformConfig) -> dict[str, Any]:
             tracking.log_artifact(builder.layout.manifest)
             logger.info("MLflow run %s in %s", run.info.run_id, config.tracking_uri)
         return manifest
-    finally:
-        if started:
-            ray.shutdown()

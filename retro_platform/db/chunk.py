@@ -7,7 +7,6 @@ document ids are global and contiguous (see ``retro_platform.db.layout``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -70,26 +69,6 @@ def chunk_documents(
             columns["text"].append(tokenizer.decode(piece))
             chunk_id += 1
     return pa.Table.from_pydict(columns, schema=CHUNK_SCHEMA)
-
-
-def write_table_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
-    """Write Parquet through a temporary file and rename, so a crash never leaves a partial file.
-
-    ``row_group_size`` fixes the rows per row group (the build embeds one row group per task).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-    os.replace(tmp, path)
-
-
-def save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    """np.save through a temporary file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
 
 
 def read_chunks(path: Path, columns: list[str] | None = None) -> pa.Table:

@@ -8,12 +8,11 @@ than the caller expects.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from retro_platform.db.files import file_sha256, write_json_atomic
 from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
-from retro_platform.db.tokenizer import file_sha256
 from retro_platform.errors import DatabaseError
 
 EXPECTABLE = {
@@ -29,10 +28,7 @@ EXPECTABLE = {
 
 def write_manifest(layout: DatabaseLayout, manifest: dict[str, Any]) -> None:
     """Write manifest.json atomically."""
-    layout.root.mkdir(parents=True, exist_ok=True)
-    tmp = layout.manifest.with_name(f".manifest.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, layout.manifest)
+    write_json_atomic(manifest, layout.manifest)
 
 
 def load_manifest(db_path: str | Path) -> dict[str, Any]:

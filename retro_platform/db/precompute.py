@@ -16,12 +16,11 @@ import pyarrow as pa
 import ray
 
 from retro_platform.config import PlatformConfig
-from retro_platform.db.chunk import write_table_atomic
+from retro_platform.db.files import file_sha256, write_table_atomic
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database, write_manifest
 from retro_platform.db.store import ChunkStore
-from retro_platform.db.tokenizer import file_sha256
-from retro_platform.ray_utils import init_ray
+from retro_platform.ray_utils import ray_session
 from retro_platform.serve.pool import NeighborPool
 
 logger = logging.getLogger(__name__)
@@ -75,11 +74,9 @@ def neighbor_table(
 
 def precompute_neighbors(config: PlatformConfig, pool: NeighborPool | None = None) -> dict[str, Any]:
     """Write neighbors/<split>.parquet for train and valid and record them in the manifest."""
-    started = init_ray(config)
-    own_pool = pool is None
-    try:
+    with ray_session(config) as session:
         manifest = validate_database(config.db_path, expect={"chunk_len": config.database.chunk_len})
-        pool = pool or NeighborPool.start(config, manifest)
+        pool = pool or session.start_pool(manifest)
         layout = DatabaseLayout(config.db_path)
         for split in ("train", "valid"):
             if not manifest["splits"].get(split):
@@ -101,8 +98,3 @@ def precompute_neighbors(config: PlatformConfig, pool: NeighborPool | None = Non
             )
         write_manifest(layout, manifest)
         return manifest
-    finally:
-        if own_pool and pool is not None:
-            pool.shutdown()
-        if started:
-            ray.shutdown()

@@ -6,13 +6,13 @@ database, the model and generation agree on both. A loaded tokenizer.json must d
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from retro_platform.config import TokenizerConfig
+from retro_platform.db.files import atomic_path
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.errors import DatabaseError
 
@@ -64,9 +64,8 @@ def save_tokenizer_atomic(tokenizer: Tokenizer, path: str | Path) -> None:
     """Save a tokenizer.json through a temporary file and rename (never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tokenizer.save(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tokenizer.save(str(tmp))
 
 
 def pad_id(tokenizer: Tokenizer) -> int:
@@ -77,12 +76,3 @@ def pad_id(tokenizer: Tokenizer) -> int:
 def eod_id(tokenizer: Tokenizer) -> int | None:
     """Id of ``<eod>``, or None when the tokenizer has none."""
     return tokenizer.token_to_id(EOD)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (streamed)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import ray
 
 from retro_platform.config import PlatformConfig
 from retro_platform.db.embed import Embedder
 from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.errors import RetroError
-from retro_platform.ray_utils import init_ray
+from retro_platform.ray_utils import ray_session
 from retro_platform.serve.pool import NeighborPool, Neighbors
 
 
@@ -49,12 +48,10 @@ def show_neighbors(
     config: PlatformConfig, chunk_id: int | None = None, text: str | None = None, k: int | None = None
 ) -> None:
     """Print the query and its neighbours (score, chunk id, document, text)."""
-    started = init_ray(config)
-    pool = None
-    try:
+    with ray_session(config) as session:
         # every file checked: a damaged shard is refused here, naming it, not half-loaded by an actor
         manifest = validate_database(config.db_path)
-        pool = NeighborPool.start(config, manifest)
+        pool = session.start_pool(manifest)
         query_text, result, texts = find_neighbors(config, pool, chunk_id, text, k)
         label = f"chunk {chunk_id}" if chunk_id is not None else "text"
         print(f"query ({label}): {query_text!r}\n")
@@ -63,8 +60,3 @@ def show_neighbors(
                 f"#{rank + 1}  score {result.scores[0, rank]:.3f}  chunk {result.chunk_ids[0, rank]}  "
                 f"doc {result.doc_ids[0, rank]}\n    {neighbor_text!r}\n"
             )
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if started:
-            ray.shutdown()

@@ -24,9 +24,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from retro_model.model import Retro
@@ -42,7 +41,8 @@ from retro_platform.checkpoints import (
 from retro_platform.config import PlatformConfig
 from retro_platform.db.manifest import validate_database
 from retro_platform.errors import CheckpointError
-from retro_platform.ray_utils import init_ray, runtime_env_vars
+from retro_platform.output import ray_train_log_level
+from retro_platform.ray_utils import ray_session, runtime_env_vars
 from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.loop import train_loop_per_worker
 
@@ -66,9 +66,7 @@ def run_training(
     ``pool`` reuses a running NeighborPool (else one is started for online neighbours and stopped after);
     ``worker_log`` makes every rank append the sequence ids it trained on to ``<worker_log>.rank<r>``.
     """
-    started = init_ray(config)
-    own_pool = False
-    try:
+    with ray_session(config) as session:
         manifest = validate_database(config.db_path, expect={"chunk_len": config.database.chunk_len})
         config = model_for_database(config, manifest)
         storage = config.storage_path
@@ -101,7 +99,7 @@ def run_training(
             )
         online = config.model.retrieval and config.train.neighbor_mode == "online"
         if online and pool is None:
-            pool, own_pool = NeighborPool.start(config, manifest), True
+            pool = session.start_pool(manifest, config)
         with tracking.training_run(config, manifest, resume_run_id) as run:
             counts = {**parameter_counts(config), **retrofit_params}
             logger.info(
@@ -137,6 +135,8 @@ def run_training(
                     failure_config=FailureConfig(max_failures=config.train.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=config.train.num_to_keep),
                     worker_runtime_env={"env_vars": runtime_env_vars()},
+                    # Ray Train's INFO lines (a TrainingReport dump per report and rank) only with -v
+                    logging_config=LoggingConfig(log_level=ray_train_log_level()),
                 ),
             )
             result = trainer.fit()
@@ -153,8 +153,3 @@ def run_training(
                 "metrics": result.metrics,
                 "config": config,
             }
-    finally:
-        if own_pool and pool is not None:
-            pool.shutdown()
-        if started:
-            ray.shutdown()
