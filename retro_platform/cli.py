@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from retro_platform.config import PlatformConfig, load_config
 from retro_platform.errors import RetroError, UserError
+from retro_platform.output import configure_output
 
 logger = logging.getLogger("retro")
 
@@ -101,7 +102,9 @@ def cmd_demo(config: PlatformConfig, args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `retro` command."""
     parser = argparse.ArgumentParser(prog="retro", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging and the dependencies' routine output"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_text: str, default: str = "demo") -> argparse.ArgumentParser:
@@ -133,12 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `retro` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,  # the command owns the process's logging: replace handlers bound to an old stderr
-    )
+    # native stderr is filtered only when this is the `retro` program (argv from the command line)
+    configure_output(args.verbose, native_stderr=argv is None)
     try:
         config = load_config(args.config, args.overrides)
         args.func(config, args)

@@ -7,7 +7,11 @@ shards + 1 valid shard, Flat). Tests that re-run or damage a build work on a cop
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -270,3 +274,36 @@ def test_added_documents_survive_a_rebuild(debug_db, tmp_path):
         DatabaseError, match=r"chunks/added/shard-0000\.parquet \(added by `retro add-docs`\)"
     ):
         build_database(config)
+
+
+def test_build_db_command_prints_its_stages_and_nothing_that_reads_as_a_failure(tmp_path):
+    """`retro build-db` as a newcomer runs it: the build's stage lines, no dependency noise.
+
+    Before quiet output, every build printed faiss's loader probes (``ModuleNotFoundError(...)``),
+    Ray's ``core_worker.cc`` constructor-argument line and Ray Data's progress blocks (``-v`` still does).
+    """
+    env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray, as on a newcomer's machine
+    env.pop("RETRO_VERBOSE", None)
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("retro")), "build-db", "--config", "debug"]
+        + ["--set", f"work_dir={tmp_path / 'work'}", "--set", "ray.include_dashboard=false"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    output = result.stdout
+    assert result.returncode == 0, output
+    assert not [line for line in output.splitlines() if "Error" in line or "Traceback" in line], output
+    assert "has constructor arguments in the object store" not in output, output
+    for stage in (
+        "corpus: corpus wikipedia: ",
+        "build: tokenizer: ",
+        "build: chunks: wrote ",
+        "build: embeddings: ",
+        "build: index: Flat over ",
+        "build: database ",
+        "build: MLflow run ",
+    ):
+        assert f"retro_platform.db.{stage}" in output, output

@@ -35,6 +35,7 @@ from retro_platform.checkpoints import init_from_checkpoint, load_training_state
 from retro_platform.config import PlatformConfig, TrainConfig
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
+from retro_platform.output import quiet_dependency_loggers
 from retro_platform.train.data import (
     BatchLoader,
     SequenceSource,
@@ -64,7 +65,9 @@ def build_optimizer(
 
 
 def _progress_logging() -> None:
-    """Progress lines of this package at INFO in the worker, without raising Ray Train's own loggers."""
+    """Progress lines of this package at INFO in the worker, without raising Ray Train's own loggers;
+    Ray Train's "Reporting training result" dump of every report only with ``retro -v``."""
+    quiet_dependency_loggers()
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
