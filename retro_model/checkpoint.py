@@ -62,6 +62,7 @@ def read_checkpoint_metadata(path: str | Path) -> tuple[RetroConfig, dict[str, A
     # fields added after checkpoints were written: those checkpoints used what the field's value names
     values.setdefault("activation", "gelu_tanh")
     values.setdefault("cross_positions", "none")
+    values.setdefault("copy_init", 0.0)
     return RetroConfig.from_dict(values), json.loads(metadata.get("extra", "{}"))
 
 

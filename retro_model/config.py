@@ -41,6 +41,9 @@ CROSS_POSITIONS = ("none", "relative", "rotary")
 token before it, so a query matches a copied neighbour by the token it has just read);
 "rotary": rotary position embeddings on half of the heads (the other half stay content-only)."""
 
+COPY_INIT_STRENGTH = 16.0
+"""Default ``RetroConfig.copy_init`` (benchmarks/RESULTS-retrieval.md: the strength sweep)."""
+
 
 @dataclass
 class RetroConfig:
@@ -82,6 +85,12 @@ class RetroConfig:
     cross_position_init: str = "aligned"
     """Initial relative-position biases (``cross_positions="relative"``): "zero", or "aligned" (half
     of the heads start peaked on the aligned neighbour token; ``retro_model.model.aligned_prior``)."""
+    copy_init: float = COPY_INIT_STRENGTH
+    """Copy path the aligned-prior heads of the decoder's chunked cross-attention start with
+    (``retro_model.model.Retro.init_copy_path``): their value and output projections map a neighbour
+    token's encoding onto its own token embedding, scaled by this strength, so reading the aligned
+    neighbour token raises that token's logit from step 0. 0 = plain random init. Only heads that
+    ``cross_position_init="aligned"`` peaks (``cross_positions="relative"``) get it."""
     dropout: float = 0.0
     """Dropout probability in attention outputs and feed-forward blocks."""
     tie_embeddings: bool = True
@@ -151,6 +160,8 @@ class RetroConfig:
                 'RetroConfig.cross_positions="rotary" puts rotary positions on half of the heads: '
                 "n_heads and enc_n_heads must be >= 2"
             )
+        if not (isinstance(self.copy_init, (int, float)) and 0.0 <= self.copy_init < float("inf")):
+            raise ValueError(f"RetroConfig.copy_init must be a finite number >= 0, got {self.copy_init!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RetroConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.pad_id < self.vocab_size:
