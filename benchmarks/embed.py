@@ -119,12 +119,12 @@ def full_build(cpus: int) -> None:
         run = client.search_runs([experiment.experiment_id], "tags.stage = 'build-db'")[0]
         metrics = run.data.metrics
         size_mb = sum(p.stat().st_size for p in config.db_path.rglob("*") if p.is_file()) / 1e6
-    counts = manifest["counts"]
+    counts = manifest.counts
     print(f"\nfull default corpus (wiki-full, --set {' '.join(overrides[1:])}), load avg before {load:.2f}:")
     print(
-        f"  {counts['documents_read']} documents read, {sum(counts['documents'].values())} kept, "
-        f"{sum(counts['chunks'].values())} chunks, {counts['tokens']} tokens, padding {counts['padding_fraction']:.1%}, "
-        f"index {manifest['index']['factory']} x {len(manifest['index']['shards'])} shards, {size_mb:.0f} MB"
+        f"  {counts.documents_read} documents read, {sum(counts.documents.values())} kept, "
+        f"{sum(counts.chunks.values())} chunks, {counts.tokens} tokens, padding {counts.padding_fraction:.1%}, "
+        f"index {manifest.index.factory} x {len(manifest.index.shards)} shards, {size_mb:.0f} MB"
     )
     print(f"  total {seconds:.1f} s (build_database, incl. Ray start and MLflow)")
     for stage in ("corpus", "tokenizer", "plan", "chunk", "embed", "index"):

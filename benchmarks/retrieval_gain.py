@@ -209,18 +209,18 @@ def run_corpus(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[Any, 
     init_ray(config)  # no-op after the first corpus: one Ray for the whole invocation
     print(f"[{corpus}] building the database in {config.db_path}", flush=True)
     manifest = build_database(config)
-    counts = manifest["counts"]
+    counts = manifest.counts
     info.update(
         preset=args.config,
         db=str(config.db_path),
-        db_id=manifest["db_id"],
-        db_documents=counts["documents"],
-        db_chunks=counts["chunks"],
-        index=manifest["index"]["factory"],
+        db_id=manifest.db_id,
+        db_documents=counts.documents,
+        db_chunks=counts.chunks,
+        index=manifest.index.factory,
         steps=config.train.steps,
         tokens_per_step=tokens_per_step(config),
     )
-    if config.train.neighbor_mode == "precomputed" and not manifest.get("neighbors"):
+    if config.train.neighbor_mode == "precomputed" and not manifest.neighbors:
         from retro_platform.db.precompute import precompute_neighbors
 
         precompute_neighbors(config)

@@ -240,7 +240,7 @@ def main() -> None:
     init_ray(config)
     try:
         build_database(config)
-        if not load_manifest(config.db_path).get("neighbors"):
+        if not load_manifest(config.db_path).neighbors:
             precompute_neighbors(config)
         variants = [("precomputed", "precomputed", 1), ("online", "online", args.query_batches)]
         if args.also_ungrouped and args.query_batches != 1:

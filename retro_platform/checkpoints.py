@@ -23,6 +23,7 @@ from retro_model.checkpoint import WEIGHTS_FILE, load_model_dir, read_checkpoint
 from retro_model.model import Retro
 from retro_model.retrofit import RetrofitPlan, copy_matching_weights, plan_copy
 from retro_platform.config import PlatformConfig
+from retro_platform.db.manifest import Manifest
 from retro_platform.errors import CheckpointError, DatabaseError
 
 logger = logging.getLogger(__name__)
@@ -89,22 +90,22 @@ def init_from_checkpoint(model: Retro, directory: str | Path) -> RetrofitPlan:
         raise CheckpointError(f"train.init_from: checkpoint {path} does not fit the model: {exc}") from None
 
 
-def model_for_database(config: PlatformConfig, manifest: dict[str, Any]) -> PlatformConfig:
+def model_for_database(config: PlatformConfig, manifest: Manifest) -> PlatformConfig:
     """Config whose model matches the database: vocab size and pad id from its tokenizer; chunk length checked."""
-    if config.model.chunk_len != manifest["chunk_len"]:
+    if config.model.chunk_len != manifest.chunk_len:
         raise DatabaseError(
             f"model.chunk_len={config.model.chunk_len} but the database {config.db_path} was built with "
-            f"chunk_len={manifest['chunk_len']}; set model.chunk_len and database.chunk_len to "
-            f"{manifest['chunk_len']} (or build a database with chunk_len={config.model.chunk_len})"
+            f"chunk_len={manifest.chunk_len}; set model.chunk_len and database.chunk_len to "
+            f"{manifest.chunk_len} (or build a database with chunk_len={config.model.chunk_len})"
         )
-    indexed = sum(int(s["n_vectors"]) for s in manifest["index"]["shards"])
+    indexed = manifest.index.num_vectors
     if config.model.retrieval and config.model.num_neighbors > indexed:
         raise DatabaseError(
             f"model.num_neighbors={config.model.num_neighbors} but the index of {config.db_path} holds "
             f"only {indexed} chunks; set model.num_neighbors to at most {indexed} (the paper uses 2-40)"
         )
-    tok = manifest["tokenizer"]
-    model = dataclasses.replace(config.model, vocab_size=tok["vocab_size"], pad_id=tok["pad_id"])
+    tok = manifest.tokenizer
+    model = dataclasses.replace(config.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id)
     return dataclasses.replace(config, model=model)
 
 
@@ -127,14 +128,14 @@ def latest_checkpoint(storage: Path | str, name: str) -> Path | None:
     return max(found)[2] if found else None
 
 
-def other_tokenizer(extra: dict[str, Any], manifest: dict[str, Any]) -> bool:
+def other_tokenizer(extra: dict[str, Any], manifest: Manifest) -> bool:
     """True when a checkpoint's metadata ``extra`` records a tokenizer other than the database's
     (checkpoints without the record are taken as matching)."""
     sha = extra.get("tokenizer_sha256")
-    return bool(sha) and sha != manifest["tokenizer"]["sha256"]
+    return bool(sha) and sha != manifest.tokenizer.sha256
 
 
-def check_resumable(config: PlatformConfig, checkpoint: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def check_resumable(config: PlatformConfig, checkpoint: Path, manifest: Manifest) -> dict[str, Any]:
     """Refuse to resume a checkpoint of another model or tokenizer -> its metadata."""
     model_cfg, extra = read_checkpoint_metadata(checkpoint / WEIGHTS_FILE)
     if model_cfg != config.model:
@@ -199,7 +200,7 @@ def find_init_checkpoint(config: PlatformConfig) -> Path:
     return newest
 
 
-def check_init_from(config: PlatformConfig, checkpoint: Path, manifest: dict[str, Any]) -> RetrofitPlan:
+def check_init_from(config: PlatformConfig, checkpoint: Path, manifest: Manifest) -> RetrofitPlan:
     """Refuse a ``train.init_from`` checkpoint that cannot start this model -> what will be copied.
 
     Refused (CheckpointError naming what to change): an unreadable checkpoint, another tokenizer than the
@@ -262,32 +263,32 @@ def resolve_checkpoint(config: PlatformConfig, checkpoint: str | Path | None) ->
     return found
 
 
-def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: dict[str, Any]):
+def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: Manifest):
     """Load a checkpoint and refuse it when it does not match the database -> (model, extra)."""
     try:
         model, extra = load_model_dir(checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         raise CheckpointError(str(exc)) from None
-    if model.config.chunk_len != manifest["chunk_len"]:
+    if model.config.chunk_len != manifest.chunk_len:
         raise CheckpointError(
             f"checkpoint {checkpoint} has chunk_len {model.config.chunk_len} but database {config.db_path} "
-            f"has {manifest['chunk_len']}: evaluate it on the database it was trained with"
+            f"has {manifest.chunk_len}: evaluate it on the database it was trained with"
         )
-    if model.config.vocab_size != manifest["tokenizer"]["vocab_size"]:
+    if model.config.vocab_size != manifest.tokenizer.vocab_size:
         raise CheckpointError(
             f"checkpoint {checkpoint} has vocab_size {model.config.vocab_size} but the tokenizer of "
-            f"{config.db_path} has {manifest['tokenizer']['vocab_size']}: it was trained with another tokenizer"
+            f"{config.db_path} has {manifest.tokenizer.vocab_size}: it was trained with another tokenizer"
         )
     if other_tokenizer(extra, manifest):
         raise CheckpointError(
             f"checkpoint {checkpoint} was trained with another tokenizer than the one of {config.db_path} "
             "(same vocabulary size, different tokens): evaluate it on the database it was trained with"
         )
-    if extra.get("db_id") and extra["db_id"] != manifest["db_id"]:
+    if extra.get("db_id") and extra["db_id"] != manifest.db_id:
         logger.warning(
             "checkpoint %s was trained on database %s, evaluating on %s",
             checkpoint,
             extra["db_id"],
-            manifest["db_id"],
+            manifest.db_id,
         )
     return model, extra

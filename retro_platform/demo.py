@@ -131,10 +131,10 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
     with ray_session(config) as session:
         print(f"[1/6] building the retrieval database in {config.db_path}")
         manifest = build_database(config)
-        counts = manifest["counts"]
+        counts = manifest.counts
         print(
-            f"      {sum(counts['documents'].values())} documents, {sum(counts['chunks'].values())} chunks, "
-            f"index {manifest['index']['factory']} in {len(manifest['index']['shards'])} shards"
+            f"      {sum(counts.documents.values())} documents, {sum(counts.chunks.values())} chunks, "
+            f"index {manifest.index.factory} in {len(manifest.index.shards)} shards"
         )
         if config.database.corpus.mirror:
             print(
@@ -142,7 +142,7 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
                 "chunks have an exact twin to retrieve; this shows the model reading its neighbours"
             )
         pool = session.start_pool(manifest)
-        comparison = f"{config.train.name}-{manifest['db_id']}"
+        comparison = f"{config.train.name}-{manifest.db_id}"
         trained, scores = {}, {}
         for step, kind in ((2, "retro"), (3, "baseline")):
             run_config = variant(config, kind, comparison)

@@ -56,7 +56,7 @@ def run_evaluation(
         source = SequenceSource(store, "valid", config.train.seq_len, model.config.num_neighbors, token_bytes)
         batches = evaluation_batches(source, config.train.batch_size, config.train.eval_batches)
         mode = config.train.neighbor_mode if model.config.retrieval or by_overlap else None
-        has_table = bool(manifest.get("neighbors", {}).get("valid"))
+        has_table = bool(manifest.neighbors.get("valid"))
         if by_overlap and not model.config.retrieval and mode == "precomputed" and not has_table:
             logger.warning(
                 "no precomputed neighbours for the valid split of %s: the baseline is evaluated without "
@@ -90,7 +90,7 @@ def run_evaluation(
         else:
             with tracking.start_run(config, stage="eval") as run:
                 tracking.log_metrics(logged)
-                tracking.set_tags({"checkpoint": str(path), "db_id": manifest["db_id"]})
+                tracking.set_tags({"checkpoint": str(path), "db_id": manifest.db_id})
                 logger.info(
                     "checkpoint's training run not in %s: logged to run %s",
                     config.tracking_uri,

@@ -10,6 +10,7 @@
   shard, Flat index, MLflow run in ``<work_dir>/mlflow.db``). Treat it as read-only: copy
   ``config.db_path`` into ``tmp_path`` before re-building or damaging it.
 * ``debug_config(work_dir, *overrides)``: the debug preset with everything under ``work_dir``.
+* ``synthetic_manifest(...)``: a complete ``Manifest`` of a database that was never built.
 * ``randomise_position_biases(model)``: random values for the cross-attentions' position parameters.
 """
 
@@ -34,6 +35,40 @@ def debug_config(work_dir, *overrides: str):
     from retro_platform.config import load_config
 
     return load_config("debug", [f"work_dir={work_dir}", *overrides])
+
+
+def synthetic_manifest(
+    chunk_len: int = 64,
+    vocab_size: int = 512,
+    pad_id: int = 0,
+    tokenizer_sha256: str = "abc",
+    splits: dict | None = None,
+    index_vectors: tuple[int, ...] = (),
+):
+    """A complete Manifest with the given chunk length, tokenizer, chunk-store shards (``splits``: split ->
+    list of SplitShard) and index shards (vectors per shard), and placeholders for everything else."""
+    from retro_platform.db.layout import FORMAT_VERSION
+    from retro_platform.db.manifest import Counts, EncoderInfo, IndexInfo, IndexShard, Manifest, TokenizerInfo
+
+    shards, start = [], 0
+    for i, n in enumerate(index_vectors):
+        shards.append(IndexShard(i, "train", i, start, start + n, doc_start=0, doc_end=0, n_vectors=n))
+        start += n
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        status="complete",
+        fingerprint="synthetic",
+        files={},
+        db_id="synthetic",
+        config={},
+        chunk_len=chunk_len,
+        tokenizer=TokenizerInfo("tokenizer.json", tokenizer_sha256, vocab_size, pad_id, eod_id=1),
+        encoder=EncoderInfo("synthetic", "synthetic", dim=8, dtype="float16", normalized=True),
+        counts=Counts(0, 0, documents={}, chunks={}, tokens=0, padding_fraction=0.0),
+        splits=splits or {},
+        index=IndexInfo("Flat", "Flat", "inner_product", False, "index/trained.faiss", shards),
+        neighbors={},
+    )
 
 
 def randomise_position_biases(model) -> None:

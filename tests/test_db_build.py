@@ -31,7 +31,7 @@ from retro_platform.errors import DatabaseError
 
 
 def split_rows(layout: DatabaseLayout, manifest, split: str) -> list[dict]:
-    tables = [pq.read_table(layout.chunks(split, s["shard"])) for s in manifest["splits"][split]]
+    tables = [pq.read_table(layout.chunks(split, s.shard)) for s in manifest.splits[split]]
     return pa.concat_tables(tables).to_pylist()
 
 
@@ -51,16 +51,16 @@ def test_counts_ids_and_chunk_contents(debug_db):
     config, manifest = debug_db
     layout = DatabaseLayout(config.db_path)
     corpus = load_documents(config.database.corpus, use_ray=False)
-    counts = manifest["counts"]
-    assert counts["documents"] == {"train": len(corpus.train), "valid": len(corpus.valid)}
-    assert counts["documents"]["train"] + counts["documents"]["valid"] == 300
-    assert len(manifest["splits"]["train"]) == 2 and len(manifest["index"]["shards"]) == 2
+    counts = manifest.counts
+    assert counts.documents == {"train": len(corpus.train), "valid": len(corpus.valid)}
+    assert counts.documents["train"] + counts.documents["valid"] == 300
+    assert len(manifest.splits["train"]) == 2 and len(manifest.index.shards) == 2
     tokenizer = load_tokenizer(config.db_path)
-    m, pad = manifest["chunk_len"], manifest["tokenizer"]["pad_id"]
+    m, pad = manifest.chunk_len, manifest.tokenizer.pad_id
     next_chunk = next_doc = 0
     for split, docs in (("train", corpus.train), ("valid", corpus.valid)):
         rows = split_rows(layout, manifest, split)
-        assert len(rows) == counts["chunks"][split]
+        assert len(rows) == counts.chunks[split]
         assert [r["chunk_id"] for r in rows] == list(range(next_chunk, next_chunk + len(rows)))
         next_chunk += len(rows)
         by_doc: dict[int, list[dict]] = {}
@@ -75,24 +75,24 @@ def test_counts_ids_and_chunk_contents(debug_db):
             assert {c["doc_key"] for c in chunks} == {doc["id"]}  # no chunk spans two documents
             assert all(c["n_tokens"] == m for c in chunks[:-1])  # only a document's last chunk is padded
             ids = [t for c in chunks for t in c["tokens"][: c["n_tokens"]]]
-            assert ids[-1] == manifest["tokenizer"]["eod_id"]
+            assert ids[-1] == manifest.tokenizer.eod_id
             assert tokenizer.decode(ids[:-1]) == doc["text"]  # the chunks give back the document
             assert tokenizer.decode(chunks[0]["tokens"][: chunks[0]["n_tokens"]]) == chunks[0]["text"]
     # shards are contiguous ranges of documents and chunks
     for split in ("train", "valid"):
-        shards = manifest["splits"][split]
+        shards = manifest.splits[split]
         for a, b in zip(shards, shards[1:], strict=False):
-            assert a["doc_end"] == b["doc_start"] and a["chunk_end"] == b["chunk_start"]
-    assert 0 < counts["padding_fraction"] < 0.5 and counts["documents_empty"] == 0
+            assert a.doc_end == b.doc_start and a.chunk_end == b.chunk_start
+    assert 0 < counts.padding_fraction < 0.5 and counts.documents_empty == 0
 
 
 def test_embeddings_are_the_encoders_output_and_chunks_find_themselves(debug_db):
     config, manifest = debug_db
     layout = DatabaseLayout(config.db_path)
-    shard = manifest["index"]["shards"][1]
-    path = layout.chunks("train", shard["split_shard"])
-    stored = np.load(layout.embeddings("train", shard["split_shard"]))
-    assert stored.dtype == np.float16 and stored.shape[1] == manifest["encoder"]["dim"] == 384
+    shard = manifest.index.shards[1]
+    path = layout.chunks("train", shard.split_shard)
+    stored = np.load(layout.embeddings("train", shard.split_shard))
+    assert stored.dtype == np.float16 and stored.shape[1] == manifest.encoder.dim == 384
     np.testing.assert_allclose(np.linalg.norm(stored.astype(np.float32), axis=1), 1.0, atol=2e-3)
     # the build embeds one Parquet row group per encode call: the same call here gives the same bytes
     embedder = Embedder.from_manifest(manifest)
@@ -103,27 +103,27 @@ def test_embeddings_are_the_encoders_output_and_chunks_find_themselves(debug_db)
     assert np.sum(loose * stored[:7].astype(np.float32), axis=1).min() > 0.99
 
     rows = pq.read_table(path, columns=["text", "tokens"]).to_pylist()
-    index = faiss.read_index(str(layout.index(shard["shard"])))
-    assert index.ntotal == len(rows) == shard["n_vectors"]
+    index = faiss.read_index(str(layout.index(shard.shard)))
+    assert index.ntotal == len(rows) == shard.n_vectors
     _, found = index.search(stored.astype(np.float32), 1)
     texts = [r["text"] for r in rows]
     unique = [i for i, t in enumerate(texts) if texts.count(t) == 1]
     assert all(found[i, 0] == i for i in unique)  # every chunk is its own nearest neighbour
-    tokens = np.load(layout.shard_tokens(shard["shard"]), mmap_mode="r")
-    assert tokens.shape == (len(rows), manifest["chunk_len"]) and tokens.dtype == np.int32
+    tokens = np.load(layout.shard_tokens(shard.shard), mmap_mode="r")
+    assert tokens.shape == (len(rows), manifest.chunk_len) and tokens.dtype == np.int32
     assert tokens[5].tolist() == rows[5]["tokens"]
-    doc_ids = np.load(layout.shard_doc_ids(shard["shard"]))
-    assert doc_ids[0] == shard["doc_start"] and doc_ids[-1] == shard["doc_end"] - 1
+    doc_ids = np.load(layout.shard_doc_ids(shard.shard))
+    assert doc_ids[0] == shard.doc_start and doc_ids[-1] == shard.doc_end - 1
 
 
 def test_manifest_records_what_later_stages_need(debug_db):
     config, manifest = debug_db
     on_disk = load_manifest(config.db_path)
-    assert on_disk == json.loads(json.dumps(manifest))
-    assert on_disk["status"] == "complete" and len(on_disk["db_id"]) == 16
-    assert on_disk["encoder"]["name"] == "all-MiniLM-L6-v2" and on_disk["index"]["factory"] == "Flat"
-    assert on_disk["config"]["chunk_len"] == 64
-    files = on_disk["files"]
+    assert on_disk.to_dict() == json.loads(json.dumps(manifest.to_dict()))
+    assert on_disk.status == "complete" and len(on_disk.db_id) == 16
+    assert on_disk.encoder.name == "all-MiniLM-L6-v2" and on_disk.index.factory == "Flat"
+    assert on_disk.config["chunk_len"] == 64
+    files = on_disk.files
     assert (
         "tokenizer.json" in files
         and "index/shard-0001.faiss" in files
@@ -193,12 +193,12 @@ def test_interrupted_build_resumes_to_the_same_bytes(debug_db, tmp_path):
     _, manifest = debug_db
     config = copy_db(debug_db, tmp_path)
     layout = DatabaseLayout(config.db_path)
-    partial = {k: v for k, v in manifest.items() if k not in ("splits", "index", "counts", "db_id")}
+    partial = {k: v for k, v in manifest.to_dict().items() if k not in ("splits", "index", "counts", "db_id")}
     partial["status"] = "building"
     kept = ["tokenizer.json", "chunks/train/shard-0000.parquet", "chunks/train/shard-0001.parquet"]
-    partial["files"] = {k: manifest["files"][k] for k in kept}
-    partial["inputs"] = {k: manifest["inputs"][k] for k in kept}
-    for relative in manifest["files"]:
+    partial["files"] = {k: manifest.files[k] for k in kept}
+    partial["inputs"] = {k: manifest.inputs[k] for k in kept}
+    for relative in manifest.files:
         if relative not in kept and not relative.startswith("embeddings/train/shard-0000"):
             (layout.root / relative).unlink()  # that one stays on disk but unrecorded: rewritten
     layout.manifest.write_text(json.dumps(partial))
@@ -236,9 +236,9 @@ def test_mlflow_run_records_the_build(debug_db):
     )
     run = runs[0]  # the session fixture's build
     assert run.data.params["database.chunk_len"] == "64"
-    assert run.data.tags["db_id"] == manifest["db_id"]
+    assert run.data.tags["db_id"] == manifest.db_id
     metrics = run.data.metrics
-    assert metrics["chunks.train"] == manifest["counts"]["chunks"]["train"]
+    assert metrics["chunks.train"] == manifest.counts.chunks["train"]
     for stage in ("corpus", "chunking", "embedding", "index"):
         assert next(v for k, v in metrics.items() if k.endswith(f"per_second_{stage}")) > 0
     assert "manifest.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
@@ -263,10 +263,10 @@ def test_added_documents_survive_a_rebuild(debug_db, tmp_path):
     extra = tmp_path / "extra.jsonl"
     extra.write_text('{"id": "new-doc", "text": "Ray actors hold the shards of a retrieval index."}\n')
     added = add_documents(config, [str(extra)])
-    assert added["counts"]["documents"]["added"] == 1
+    assert added.counts.documents["added"] == 1
     again = build_database(config)
-    assert again["splits"]["added"] == added["splits"]["added"]
-    assert again["index"]["shards"] == added["index"]["shards"]
+    assert again.splits["added"] == added.splits["added"]
+    assert again.index.shards == added.index.shards
     validate_database(config.db_path)
     layout = DatabaseLayout(config.db_path)
     layout.chunks("added", 0).write_bytes(b"corrupt")

@@ -46,7 +46,7 @@ def checkpoint_of(config, manifest, path, **model_changes):
     save_model_dir(
         path,
         Retro(dataclasses.replace(matched, **model_changes)),
-        extra={"step": 0, "tokenizer_sha256": manifest["tokenizer"]["sha256"]},
+        extra={"step": 0, "tokenizer_sha256": manifest.tokenizer.sha256},
     )
     return path
 
@@ -62,7 +62,7 @@ def test_eval_reports_bpb_with_and_without_retrieval_the_same_in_both_neighbor_m
         "valid_bpb_no_retrieval",
     }
     # an untrained model predicts ~uniformly: loss ~ ln(V), and bpb = loss / (ln 2 * bytes per token)
-    assert abs(online["valid_loss_no_retrieval"] - math.log(manifest["tokenizer"]["vocab_size"])) < 0.5
+    assert abs(online["valid_loss_no_retrieval"] - math.log(manifest.tokenizer.vocab_size)) < 0.5
     assert 1 < online["valid_bpb_no_retrieval"] < online["valid_loss_no_retrieval"] / math.log(2)
     assert online["valid_loss_retrieval"] != online["valid_loss_no_retrieval"]  # neighbours are read
     precomputed = run_evaluation(
@@ -85,7 +85,7 @@ def test_eval_refuses_checkpoints_that_do_not_match_the_database(eval_db, tmp_pa
     with pytest.raises(CheckpointError, match="no checkpoint of run"):
         run_evaluation(debug_config(config.work_dir, "train.name=never-trained"))
     wrong_vocab = checkpoint_of(
-        config, manifest, tmp_path / "vocab", vocab_size=manifest["tokenizer"]["vocab_size"] + 8
+        config, manifest, tmp_path / "vocab", vocab_size=manifest.tokenizer.vocab_size + 8
     )
     with pytest.raises(CheckpointError, match="vocab_size"):
         run_evaluation(config, wrong_vocab)

@@ -45,7 +45,7 @@ def test_added_document_changes_the_greedy_completion_without_retraining(debug_d
     torch.manual_seed(0)
     model = Retro(dataclasses.replace(model_for_database(config, manifest).model, init_std=0.5))
     checkpoint = tmp_path / "checkpoint"
-    save_model_dir(checkpoint, model, extra={"step": 0, "tokenizer_sha256": manifest["tokenizer"]["sha256"]})
+    save_model_dir(checkpoint, model, extra={"step": 0, "tokenizer_sha256": manifest.tokenizer.sha256})
 
     before = run_generation(config, PROMPT, checkpoint=str(checkpoint))
     printed_before = capsys.readouterr().out
@@ -88,4 +88,4 @@ def test_demo_knowledge_update_adds_an_unseen_article_to_a_copy_of_the_database(
     assert 0 <= update["matched"][0] <= update["words"] and 0 <= update["matched"][1] <= update["words"]
     assert (tmp_path / "db" / "manifest.json").read_bytes() == manifest_before
     copy = load_manifest(tmp_path / "knowledge-update" / "db")
-    assert copy["counts"]["documents"]["added"] == 1
+    assert copy.counts.documents["added"] == 1

@@ -12,7 +12,7 @@ import dataclasses
 import mlflow
 import pytest
 import torch
-from conftest import debug_config
+from conftest import debug_config, synthetic_manifest
 
 from retro_model.checkpoint import load_model_dir, save_model_dir
 from retro_model.config import RetroConfig
@@ -187,7 +187,7 @@ def test_init_from_refuses_missing_and_mismatched_checkpoints_before_writing(deb
 
     db_config, manifest = debug_db
     model_cfg = model_for_database(retrofit_config(tmp_path, db_config.db_path, "x"), manifest).model
-    sha = manifest["tokenizer"]["sha256"]
+    sha = manifest.tokenizer.sha256
     wide = tmp_path / "wide"  # another d_model
     save_model_dir(
         wide, Retro(dataclasses.replace(model_cfg, retrieval=False, d_model=96)), {"tokenizer_sha256": sha}
@@ -217,11 +217,9 @@ def test_init_from_refuses_missing_and_mismatched_checkpoints_before_writing(deb
 def test_a_resumed_run_keeps_its_freeze_setting(tmp_path):
     from retro_platform.checkpoints import check_resumable, model_for_database
 
-    manifest = {
-        "chunk_len": 64,
-        "tokenizer": {"vocab_size": 512, "pad_id": 0, "sha256": "abc"},
-        "index": {"shards": [{"n_vectors": 5}]},
-    }
+    manifest = synthetic_manifest(
+        chunk_len=64, vocab_size=512, pad_id=0, tokenizer_sha256="abc", index_vectors=(5,)
+    )
     frozen = model_for_database(debug_config(tmp_path, "train.freeze=decoder"), manifest)
     save_model_dir(
         tmp_path / "ck", Retro(frozen.model), {"step": 3, "tokenizer_sha256": "abc", "freeze": "decoder"}

@@ -16,11 +16,10 @@ from retro_platform.serve.pool import NeighborPool
 def train_vectors(config, manifest):
     layout = DatabaseLayout(config.db_path)
     vectors = [
-        np.load(layout.embeddings("train", s["shard"])).astype(np.float32)
-        for s in manifest["splits"]["train"]
+        np.load(layout.embeddings("train", s.shard)).astype(np.float32) for s in manifest.splits["train"]
     ]
-    doc_ids = [np.load(layout.shard_doc_ids(s["shard"])) for s in manifest["index"]["shards"]]
-    tokens = [np.load(layout.shard_tokens(s["shard"])) for s in manifest["index"]["shards"]]
+    doc_ids = [np.load(layout.shard_doc_ids(s.shard)) for s in manifest.index.shards]
+    tokens = [np.load(layout.shard_tokens(s.shard)) for s in manifest.index.shards]
     return np.concatenate(vectors), np.concatenate(doc_ids), np.concatenate(tokens)
 
 
@@ -48,7 +47,7 @@ def test_exact_index_equals_brute_force(pool, debug_db):
     np.testing.assert_allclose(
         np.take_along_axis(brute, result.chunk_ids, axis=1), result.scores, rtol=1e-4, atol=1e-5
     )
-    assert result.tokens.shape == (len(queries), 4, 2 * manifest["chunk_len"])
+    assert result.tokens.shape == (len(queries), 4, 2 * manifest.chunk_len)
 
 
 def test_exclusion_never_returns_excluded_documents_and_still_returns_k(pool, debug_db):
@@ -66,8 +65,8 @@ def test_exclusion_never_returns_excluded_documents_and_still_returns_k(pool, de
 def test_continuation_is_next_chunk_of_same_document_or_padding(pool, debug_db):
     config, manifest = debug_db
     _, doc_ids, tokens = train_vectors(config, manifest)
-    m = manifest["chunk_len"]
-    pad = manifest["tokenizer"]["pad_id"]
+    m = manifest.chunk_len
+    pad = manifest.tokenizer.pad_id
     result = pool.search(valid_queries(config, manifest, 40), k=4)
     saw_end = saw_next = False
     for q, c, got in zip(
@@ -126,7 +125,7 @@ def test_approximate_index_reports_recall_and_is_exact_when_it_searches_every_li
     work = tmp_path_factory.mktemp("ivf-work")
     config = debug_config(work, "database.index.factory=IVF16,Flat")
     manifest = build_database(config)
-    assert manifest["index"]["factory"] == "IVF16,Flat"
+    assert manifest.index.factory == "IVF16,Flat"
     vectors, _, _ = train_vectors(config, manifest)
     queries = valid_queries(config, manifest, 48)
     brute = queries @ vectors.T

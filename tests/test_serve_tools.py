@@ -28,7 +28,7 @@ def copy_db(debug_db, tmp_path):
 def test_precomputed_table_matches_pool_and_excludes_own_document(debug_db, tmp_path):
     config = copy_db(debug_db, tmp_path)
     manifest = precompute_neighbors(config)
-    assert set(manifest["neighbors"]) == {"train", "valid"}
+    assert set(manifest.neighbors) == {"train", "valid"}
     validate_database(config.db_path)  # the table's checksum is recorded
     table = pq.read_table(DatabaseLayout(config.db_path).neighbors("train")).to_pydict()
     store = ChunkStore(config.db_path)
@@ -65,7 +65,7 @@ def test_added_document_is_found_live_and_after_restart(debug_db, tmp_path, caps
     finally:
         pool.shutdown()
     validate_database(config.db_path)  # checksums of the new shard recorded
-    assert manifest["counts"]["documents"]["added"] == 1
+    assert manifest.counts.documents["added"] == 1
     restarted = NeighborPool.start(config)
     try:
         _, _, texts = find_neighbors(config, restarted, text=fact, k=2)

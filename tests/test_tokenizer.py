@@ -70,5 +70,5 @@ def test_loading_refuses_missing_corrupt_and_pad_less_tokenizers(texts, tmp_path
 def test_database_tokenizer_is_the_one_its_chunks_use(debug_db):
     config, manifest = debug_db
     tok = load_tokenizer(config.db_path)
-    assert tok.get_vocab_size() == manifest["tokenizer"]["vocab_size"] == config.database.tokenizer.vocab_size
-    assert pad_id(tok) == manifest["tokenizer"]["pad_id"] == 0
+    assert tok.get_vocab_size() == manifest.tokenizer.vocab_size == config.database.tokenizer.vocab_size
+    assert pad_id(tok) == manifest.tokenizer.pad_id == 0

@@ -95,7 +95,7 @@ def test_ddp_training_loss_falls_logs_to_mlflow_checkpoint_reloads_and_rerun_res
     run = client.get_run(out["run_id"])
     assert run.data.tags["model_kind"] == "retro" and run.data.tags["comparison"] == "cmp1"
     assert run.data.params["train.num_workers"] == "2"
-    assert run.data.params["db_id"] == ChunkStore(config.db_path).manifest["db_id"]
+    assert run.data.params["db_id"] == ChunkStore(config.db_path).manifest.db_id
     history = [m.value for m in client.get_metric_history(out["run_id"], "train_loss")]
     assert len(history) == 30
     assert np.mean(history[-5:]) < np.mean(history[:5]) - 0.5, history

@@ -6,12 +6,14 @@ targets, masks, exclusions, neighbour tokens and the rank split can be checked e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import synthetic_manifest
 
 from retro_model.checkpoint import load_model_dir, save_model_dir
 from retro_model.config import RetroConfig
@@ -25,7 +27,8 @@ from retro_platform.checkpoints import (
 from retro_platform.config import TrainConfig, load_config
 from retro_platform.db.chunk import CHUNK_SCHEMA
 from retro_platform.db.files import save_npy_atomic, write_table_atomic
-from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
+from retro_platform.db.layout import DatabaseLayout
+from retro_platform.db.manifest import SplitShard
 from retro_platform.db.store import ChunkStore
 from retro_platform.errors import CheckpointError, DatabaseError
 from retro_platform.serve.pool import Neighbors
@@ -59,7 +62,7 @@ def synthetic_db(tmp_path):
         splits[split] = []
         for shard, lengths in enumerate(shards):
             rows = {name: [] for name in CHUNK_SCHEMA.names}
-            start = chunk
+            start, first_doc = chunk, doc
             for length in lengths:
                 ids = [token_of(doc, i) for i in range(length)]
                 for position, s in enumerate(range(0, length, M)):
@@ -77,17 +80,9 @@ def synthetic_db(tmp_path):
             write_table_atomic(pa.Table.from_pydict(rows, schema=CHUNK_SCHEMA), layout.chunks(split, shard))
             vectors = rng.normal(size=(chunk - start, 8)).astype(np.float16)
             save_npy_atomic(vectors, layout.embeddings(split, shard))
-            splits[split].append({"shard": shard, "chunk_start": start, "chunk_end": chunk})
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "status": "complete",
-        "db_id": "synthetic",
-        "chunk_len": M,
-        "splits": splits,
-        "tokenizer": {"pad_id": PAD, "vocab_size": VOCAB, "sha256": "abc"},
-        "files": {},
-    }
-    layout.manifest.write_text(json.dumps(manifest))
+            splits[split].append(SplitShard(shard, split, first_doc, doc, chunk_start=start, chunk_end=chunk))
+    manifest = synthetic_manifest(chunk_len=M, vocab_size=VOCAB, pad_id=PAD, splits=splits)
+    layout.manifest.write_text(json.dumps(manifest.to_dict()))
     return layout.root, np.array(chunk_docs)
 
 
@@ -270,11 +265,9 @@ def test_bits_per_byte_and_fixed_evaluation_batches(synthetic_db):
 
 
 def test_model_must_match_the_database_and_resume_the_same_model(tmp_path):
-    manifest = {
-        "chunk_len": 64,
-        "tokenizer": {"vocab_size": 512, "pad_id": 0, "sha256": "abc"},
-        "index": {"shards": [{"n_vectors": 3}, {"n_vectors": 2}]},
-    }
+    manifest = synthetic_manifest(
+        chunk_len=64, vocab_size=512, pad_id=0, tokenizer_sha256="abc", index_vectors=(3, 2)
+    )
     config = load_config("debug", [f"work_dir={tmp_path}"])
     matched = model_for_database(config, manifest)
     too_many = load_config("debug", [f"work_dir={tmp_path}", "model.num_neighbors=6"])
@@ -291,6 +284,8 @@ def test_model_must_match_the_database_and_resume_the_same_model(tmp_path):
     wider = load_config("debug", [f"work_dir={tmp_path}", "model.d_model=128"])
     with pytest.raises(CheckpointError, match="different model.*d_model"):
         check_resumable(model_for_database(wider, manifest), tmp_path / "ck", manifest)
-    other_tokenizer = {**manifest, "tokenizer": {**manifest["tokenizer"], "sha256": "def"}}
+    other_tokenizer = dataclasses.replace(
+        manifest, tokenizer=dataclasses.replace(manifest.tokenizer, sha256="def")
+    )
     with pytest.raises(CheckpointError, match="another tokenizer"):
         check_resumable(matched, tmp_path / "ck", other_tokenizer)

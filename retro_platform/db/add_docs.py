@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
@@ -26,7 +25,7 @@ from retro_platform.db.embed import Embedder
 from retro_platform.db.files import file_sha256, save_npy_atomic, write_index_atomic, write_table_atomic
 from retro_platform.db.index import fill_index
 from retro_platform.db.layout import DatabaseLayout
-from retro_platform.db.manifest import validate_database, write_manifest
+from retro_platform.db.manifest import IndexShard, Manifest, SplitShard, validate_database, write_manifest
 from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import CorpusError
 from retro_platform.ray_utils import ray_session
@@ -38,20 +37,17 @@ ADDED = "added"
 """Split name of documents added after the build."""
 
 
-def _existing_doc_keys(layout: DatabaseLayout, manifest: dict[str, Any]) -> set[str]:
+def _existing_doc_keys(layout: DatabaseLayout, manifest: Manifest) -> set[str]:
     keys: set[str] = set()
-    for split, shards in manifest["splits"].items():
+    for split, shards in manifest.splits.items():
         for s in shards:
-            keys.update(
-                read_chunks(layout.chunks(split, s["shard"]), ["doc_key"]).column("doc_key").to_pylist()
-            )
+            keys.update(read_chunks(layout.chunks(split, s.shard), ["doc_key"]).column("doc_key").to_pylist())
     return keys
 
 
-def add_documents(
-    config: PlatformConfig, files: list[str], pool: NeighborPool | None = None
-) -> dict[str, Any]:
-    """Add the documents of ``files`` as a new shard; a given ``pool`` starts serving it at once."""
+def add_documents(config: PlatformConfig, files: list[str], pool: NeighborPool | None = None) -> Manifest:
+    """Add the documents of ``files`` as a new shard; a given ``pool`` starts serving it at once -> the
+    database's new manifest."""
     with ray_session(config):
         manifest = validate_database(config.db_path)
         layout = DatabaseLayout(config.db_path)
@@ -66,16 +62,16 @@ def add_documents(
                 raise CorpusError(f"document id {doc['id']!r} is already in the database (or given twice)")
             seen.add(doc["id"])
         tokenizer = load_tokenizer_file(layout.tokenizer)
-        all_shards = [s for shards in manifest["splits"].values() for s in shards]
-        doc_start = max(s["doc_end"] for s in all_shards)
-        chunk_start = max(s["chunk_end"] for s in all_shards)
-        added = manifest["splits"].setdefault(ADDED, [])
+        all_shards = [s for shards in manifest.splits.values() for s in shards]
+        doc_start = max(s.doc_end for s in all_shards)
+        chunk_start = max(s.chunk_end for s in all_shards)
+        added = manifest.splits.setdefault(ADDED, [])
         split_shard = len(added)
-        index_shard = len(manifest["index"]["shards"])
-        table = chunk_documents(docs, tokenizer, manifest["chunk_len"], doc_start, chunk_start)
+        index_shard = len(manifest.index.shards)
+        table = chunk_documents(docs, tokenizer, manifest.chunk_len, doc_start, chunk_start)
         # the database's own encoder settings (weights dtype, batch size, stored dtype)
         vectors = Embedder.from_manifest(manifest).encode(table.column("text").to_pylist())
-        trained = faiss.read_index(str(layout.root / manifest["index"]["trained_file"]))
+        trained = faiss.read_index(str(layout.root / manifest.index.trained_file))
         index = fill_index(trained, vectors, config.database.index.add_block)
         paths = {
             "chunks": layout.chunks(ADDED, split_shard),
@@ -87,10 +83,10 @@ def add_documents(
         write_table_atomic(table, paths["chunks"])
         save_npy_atomic(vectors, paths["embeddings"])
         write_index_atomic(index, paths["index"])
-        save_npy_atomic(tokens_array(table, manifest["chunk_len"]), paths["tokens"])
+        save_npy_atomic(tokens_array(table, manifest.chunk_len), paths["tokens"])
         save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), paths["doc_ids"])
         n = table.num_rows
-        shard = dict(
+        shard = SplitShard(
             shard=split_shard,
             split=ADDED,
             doc_start=doc_start,
@@ -99,24 +95,13 @@ def add_documents(
             chunk_end=chunk_start + n,
         )
         added.append(shard)
-        manifest["index"]["shards"].append(
-            dict(
-                shard=index_shard,
-                split=ADDED,
-                split_shard=split_shard,
-                chunk_start=chunk_start,
-                chunk_end=chunk_start + n,
-                doc_start=doc_start,
-                doc_end=doc_start + len(docs),
-                n_vectors=n,
-            )
-        )
+        manifest.index.shards.append(IndexShard.of(index_shard, shard))
         for path in paths.values():
-            manifest["files"][layout.relative(path)] = file_sha256(path)
-        counts = manifest["counts"]
-        counts["documents"][ADDED] = counts["documents"].get(ADDED, 0) + len(docs)
-        counts["chunks"][ADDED] = counts["chunks"].get(ADDED, 0) + n
-        manifest["revision"] = manifest.get("revision", 0) + 1
+            manifest.files[layout.relative(path)] = file_sha256(path)
+        counts = manifest.counts
+        counts.documents[ADDED] = counts.documents.get(ADDED, 0) + len(docs)
+        counts.chunks[ADDED] = counts.chunks.get(ADDED, 0) + n
+        manifest.revision = (manifest.revision or 0) + 1
         write_manifest(layout, manifest)
         logger.info("added %d documents (%d chunks) as index shard %d", len(docs), n, index_shard)
         if pool is not None:

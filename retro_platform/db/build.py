@@ -17,7 +17,7 @@ first file is written, so bad input never leaves a half-written database.
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,7 +39,17 @@ from retro_platform.db.embed import ChunkStoreEmbedder, encoder_dimension, resol
 from retro_platform.db.files import file_sha256, save_npy_atomic, write_index_atomic, write_table_atomic
 from retro_platform.db.index import choose_factory, fill_index, min_training_vectors, new_index, train_index
 from retro_platform.db.layout import FORMAT_VERSION, SPLITS, DatabaseLayout
-from retro_platform.db.manifest import load_manifest, write_manifest
+from retro_platform.db.manifest import (
+    Counts,
+    EncoderInfo,
+    IndexInfo,
+    IndexShard,
+    Manifest,
+    SplitShard,
+    TokenizerInfo,
+    load_manifest,
+    write_manifest,
+)
 from retro_platform.db.tokenizer import (
     eod_id,
     load_tokenizer_file,
@@ -104,7 +114,7 @@ class _Builder:
         self.db = config.database
         self.layout = DatabaseLayout(config.db_path)
         self.stats: dict[str, float] = {}
-        self.previous: dict[str, Any] = {}
+        self.previous: Manifest | None = None  # the manifest found (complete or partial), if any
         self.files: dict[str, str] = {}  # relative path -> sha256, as recorded
         self.inputs: dict[str, dict[str, str]] = {}  # relative path -> {input relative path: sha256}
         self.written: list[str] = []  # relative paths written by this run
@@ -138,15 +148,15 @@ class _Builder:
         except DatabaseError as exc:
             logger.warning("%s; rebuilding every stage", exc)
             return
-        if self.previous.get("fingerprint") != build_fingerprint(inputs):
-            before = self.previous.get("fingerprint_inputs", {})
+        if self.previous.fingerprint != build_fingerprint(inputs):
+            before = self.previous.fingerprint_inputs or {}
             changed = sorted(k for k in inputs if before.get(k) != inputs[k]) if before else ["(unknown)"]
             raise DatabaseError(
                 f"database {root} was built with different settings (changed: {', '.join(changed)}); "
                 "use another database.path, or delete the folder to rebuild it"
             )
-        self.files = dict(self.previous.get("files", {}))
-        self.inputs = {k: dict(v) for k, v in self.previous.get("inputs", {}).items()}
+        self.files = dict(self.previous.files)
+        self.inputs = {k: dict(v) for k, v in (self.previous.inputs or {}).items()}
 
     def is_current(self, path: Path, inputs: list[Path]) -> bool:
         """True when ``path`` matches its recorded checksum and was made from its inputs as they are now."""
@@ -165,9 +175,9 @@ class _Builder:
         self.written.append(key)
 
     def checkpoint(self, fingerprint: dict[str, Any]) -> None:
-        """Write a partial manifest (status 'building') so an interrupted build resumes from here."""
-        manifest = copy.deepcopy(self.previous)
-        manifest.update(
+        """Write a partial manifest (status 'building') so an interrupted build resumes from here: the
+        progress so far, and every other section of the manifest this build started from."""
+        progress = dict(
             format_version=FORMAT_VERSION,
             status="building",
             fingerprint=build_fingerprint(fingerprint),
@@ -175,7 +185,10 @@ class _Builder:
             files=dict(sorted(self.files.items())),
             inputs=dict(sorted(self.inputs.items())),
         )
-        write_manifest(self.layout, manifest)
+        if self.previous is None:
+            write_manifest(self.layout, Manifest(**progress))
+        else:
+            write_manifest(self.layout, dataclasses.replace(self.previous, **progress))
 
     def remove_temporaries(self) -> None:
         """Delete temporary files an interrupted build left (``.<name>.tmp``)."""
@@ -185,7 +198,7 @@ class _Builder:
                 tmp.unlink()
 
     # ---- stages ------------------------------------------------------------------------------------
-    def plan(self, corpus: Corpus, tokenizer) -> dict[str, list[dict[str, Any]]]:
+    def plan(self, corpus: Corpus, tokenizer) -> dict[str, list[SplitShard]]:
         """Shards of each split with document and chunk id ranges (chunks counted by Ray Data tasks)."""
         tok_json = tokenizer.to_str()
         chunk_len = self.db.chunk_len
@@ -196,7 +209,7 @@ class _Builder:
             counts = chunking.count_chunks(batch["text"].tolist(), Tokenizer.from_str(tok_json), chunk_len)
             return {"position": batch["position"], "n_chunks": np.asarray(counts, dtype=np.int64)}
 
-        plans: dict[str, list[dict[str, Any]]] = {}
+        plans: dict[str, list[SplitShard]] = {}
         doc_start = chunk_start = 0
         for split in SPLITS:
             docs = corpus.split(split)
@@ -218,7 +231,7 @@ class _Builder:
             for i, (a, b) in enumerate(shard_ranges(len(docs), num_shards)):
                 n_chunks = int(per_doc[a:b].sum())
                 shards.append(
-                    dict(
+                    SplitShard(
                         shard=i,
                         split=split,
                         doc_start=doc_start + a,
@@ -236,7 +249,7 @@ class _Builder:
         """The index factory to build; refuse (before anything is written) one that cannot be trained."""
         index_cfg = self.db.index
         sources = self.index_sources(plans)
-        n_total = sum(s["chunk_end"] - s["chunk_start"] for s in sources)
+        n_total = sum(s.num_chunks for s in sources)
         factory = index_cfg.factory
         if factory == "auto":
             factory = choose_factory(n_total, dim, index_cfg.memory_budget_gb, index_cfg.train_sample)
@@ -251,7 +264,8 @@ class _Builder:
             )
         return factory
 
-    def index_sources(self, plans) -> list[dict[str, Any]]:
+    def index_sources(self, plans) -> list[SplitShard]:
+        """The chunk-store shards the index holds, in index-shard order."""
         return list(plans["train"]) + (list(plans["valid"]) if self.db.index.include_valid else [])
 
     def chunks(self, corpus: Corpus, tokenizer, plans, fingerprint) -> None:
@@ -259,7 +273,7 @@ class _Builder:
             s
             for split in SPLITS
             for s in plans[split]
-            if not self.is_current(self.layout.chunks(split, s["shard"]), [self.layout.tokenizer])
+            if not self.is_current(self.layout.chunks(split, s.shard), [self.layout.tokenizer])
         ]
         if not todo:
             logger.info("chunks: all %d shards up to date", sum(len(p) for p in plans.values()))
@@ -284,12 +298,12 @@ class _Builder:
 
         items = []
         for s in todo:
-            a, b = s["doc_start"], s["doc_end"]
-            offset = 0 if s["split"] == "train" else len(corpus.train)
+            offset = 0 if s.split == "train" else len(corpus.train)
             docs = [
-                {"id": d["id"], "text": d["text"]} for d in corpus.split(s["split"])[a - offset : b - offset]
+                {"id": d["id"], "text": d["text"]}
+                for d in corpus.split(s.split)[s.doc_start - offset : s.doc_end - offset]
             ]
-            items.append({**s, "docs": docs})
+            items.append({**dataclasses.asdict(s), "docs": docs})
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         rows = 0
         for done in ds.map(write_shard, num_cpus=0.5, resources=self.task_resources).iter_rows():
@@ -308,7 +322,7 @@ class _Builder:
             for split in SPLITS
             for s in plans[split]
             if not self.is_current(
-                self.layout.embeddings(split, s["shard"]), [self.layout.chunks(split, s["shard"])]
+                self.layout.embeddings(split, s.shard), [self.layout.chunks(split, s.shard)]
             )
         ]
         if not todo:
@@ -319,13 +333,13 @@ class _Builder:
         # one task = one row group of a chunk-store shard, embedded in one encode call (deterministic)
         items = []
         for s in todo:
-            path = self.layout.chunks(s["split"], s["shard"])
+            path = self.layout.chunks(s.split, s.shard)
             meta = pq.ParquetFile(path).metadata
-            start = s["chunk_start"]
+            start = s.chunk_start
             for group in range(meta.num_row_groups):
                 items.append({"path": str(path), "row_group": group, "chunk_start": start})
                 start += meta.row_group(group).num_rows
-        total = sum(s["chunk_end"] - s["chunk_start"] for s in todo)
+        total = sum(s.num_chunks for s in todo)
         t0 = time.perf_counter()
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ChunkStoreEmbedder,
@@ -345,7 +359,7 @@ class _Builder:
         # Ray Data may reorder tasks: place rows by chunk id; write each shard as soon as it is complete
         arrays: dict[int, np.ndarray] = {}
         filled: dict[int, int] = {}
-        starts = np.array([s["chunk_start"] for s in todo], dtype=np.int64)
+        starts = np.array([s.chunk_start for s in todo], dtype=np.int64)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             vectors = batch["embedding"]
             if vectors.dtype == object:
@@ -355,14 +369,14 @@ class _Builder:
                 s = todo[i]
                 sel = which == i
                 if i not in arrays:
-                    arrays[i] = np.zeros((s["chunk_end"] - s["chunk_start"], vectors.shape[1]), embed.dtype)
+                    arrays[i] = np.zeros((s.num_chunks, vectors.shape[1]), embed.dtype)
                     filled[i] = 0
-                arrays[i][batch["chunk_id"][sel] - s["chunk_start"]] = vectors[sel]
+                arrays[i][batch["chunk_id"][sel] - s.chunk_start] = vectors[sel]
                 filled[i] += int(sel.sum())
                 if filled[i] == len(arrays[i]):
-                    path = self.layout.embeddings(s["split"], s["shard"])
+                    path = self.layout.embeddings(s.split, s.shard)
                     save_npy_atomic(arrays.pop(i), path)
-                    self.record(path, [self.layout.chunks(s["split"], s["shard"])])
+                    self.record(path, [self.layout.chunks(s.split, s.shard)])
                     self.checkpoint(fingerprint)
         if arrays:
             raise RuntimeError(f"embedding stage ended with {len(arrays)} incomplete shards")
@@ -375,12 +389,12 @@ class _Builder:
             self.stats["chunks_per_second_embedding"],
         )
 
-    def index(self, plans, factory: str, fingerprint) -> dict[str, Any]:
+    def index(self, plans, factory: str, fingerprint) -> IndexInfo:
         index_cfg = self.db.index
         sources = self.index_sources(plans)
-        n_total = sum(s["chunk_end"] - s["chunk_start"] for s in sources)
+        n_total = sum(s.num_chunks for s in sources)
         trained_path = self.layout.root / "index" / "trained.faiss"
-        emb_paths = [self.layout.embeddings(s["split"], s["shard"]) for s in sources]
+        emb_paths = [self.layout.embeddings(s.split, s.shard) for s in sources]
         t0 = time.perf_counter()
         if self.is_current(trained_path, emb_paths):
             trained = faiss.read_index(str(trained_path))
@@ -389,7 +403,7 @@ class _Builder:
             rng = np.random.default_rng(0)
             sample = []
             for s, path in zip(sources, emb_paths, strict=True):
-                n = s["chunk_end"] - s["chunk_start"]
+                n = s.num_chunks
                 take = min(n, max(1, round(index_cfg.train_sample * n / n_total)))
                 vectors = np.load(path, mmap_mode="r")
                 rows = np.sort(rng.choice(n, size=take, replace=False))
@@ -402,7 +416,7 @@ class _Builder:
         single_thread = index_cfg.deterministic_add and "HNSW" in factory
         shards = []
         for number, (s, emb_path) in enumerate(zip(sources, emb_paths, strict=True)):
-            chunks_path = self.layout.chunks(s["split"], s["shard"])
+            chunks_path = self.layout.chunks(s.split, s.shard)
             outputs = [
                 (self.layout.index(number), [emb_path, trained_path]),
                 (self.layout.shard_tokens(number), [chunks_path]),
@@ -420,18 +434,7 @@ class _Builder:
                 for path, inputs in outputs:
                     self.record(path, inputs)
                 self.checkpoint(fingerprint)
-            shards.append(
-                dict(
-                    shard=number,
-                    split=s["split"],
-                    split_shard=s["shard"],
-                    chunk_start=s["chunk_start"],
-                    chunk_end=s["chunk_end"],
-                    doc_start=s["doc_start"],
-                    doc_end=s["doc_end"],
-                    n_vectors=s["chunk_end"] - s["chunk_start"],
-                )
-            )
+            shards.append(IndexShard.of(number, s))
         self.stats["index_seconds"] = time.perf_counter() - t0
         self.stats["vectors_per_second_index"] = n_total / self.stats["index_seconds"]
         logger.info(
@@ -441,28 +444,32 @@ class _Builder:
             len(shards),
             self.stats["index_seconds"],
         )
-        return {
-            "factory": factory,
-            "requested": index_cfg.factory,
-            "metric": "inner_product",
-            "includes_valid": index_cfg.include_valid,
-            "trained_file": self.rel(trained_path),
-            "shards": shards,
-        }
+        return IndexInfo(
+            factory=factory,
+            requested=index_cfg.factory,
+            metric="inner_product",
+            includes_valid=index_cfg.include_valid,
+            trained_file=self.rel(trained_path),
+            shards=shards,
+        )
 
-    def carried_forward(self) -> tuple[dict[str, list], list[dict[str, Any]], list[str]]:
+    def carried_forward(self) -> tuple[dict[str, list[SplitShard]], list[IndexShard], list[str]]:
         """Shards added later by `retro add-docs` (not in the corpus): kept as they are, checked."""
-        splits = {k: v for k, v in self.previous.get("splits", {}).items() if k not in SPLITS}
-        shards = [s for s in self.previous.get("index", {}).get("shards", []) if s["split"] not in SPLITS]
+        splits: dict[str, list[SplitShard]] = {}
+        shards: list[IndexShard] = []
+        if self.previous is not None:  # a partial manifest may lack either section
+            splits = {k: v for k, v in (self.previous.splits or {}).items() if k not in SPLITS}
+            if self.previous.index is not None:
+                shards = [s for s in self.previous.index.shards if s.split not in SPLITS]
         files = []
         for split, entries in splits.items():
             for s in entries:
                 files += [
-                    self.rel(self.layout.chunks(split, s["shard"])),
-                    self.rel(self.layout.embeddings(split, s["shard"])),
+                    self.rel(self.layout.chunks(split, s.shard)),
+                    self.rel(self.layout.embeddings(split, s.shard)),
                 ]
         for s in shards:
-            n = s["shard"]
+            n = s.shard
             files += [
                 self.rel(p)
                 for p in (self.layout.index(n), self.layout.shard_tokens(n), self.layout.shard_doc_ids(n))
@@ -477,7 +484,7 @@ class _Builder:
         return splits, shards, files
 
     # ---- whole build -------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self) -> Manifest:
         t_start = time.perf_counter()
         # 1. everything that can refuse the input, before the first file is written
         fingerprint = fingerprint_inputs(self.config, corpus_digest(self.db.corpus.source))
@@ -517,93 +524,89 @@ class _Builder:
         self.chunks(corpus, tokenizer, plans, fingerprint)
         self.embeddings(plans, fingerprint)
         index_info = self.index(plans, factory, fingerprint)
-        index_info["shards"] += added_shards
+        index_info.shards += added_shards
 
         # 3. the manifest: only the files of this database, with their checksums and inputs
-        paths = [self.layout.tokenizer, self.layout.root / index_info["trained_file"]]
+        paths = [self.layout.tokenizer, self.layout.root / index_info.trained_file]
         for split in SPLITS:
             for s in plans[split]:
-                paths += [self.layout.chunks(split, s["shard"]), self.layout.embeddings(split, s["shard"])]
-        for s in index_info["shards"][: len(index_info["shards"]) - len(added_shards)]:
-            n = s["shard"]
+                paths += [self.layout.chunks(split, s.shard), self.layout.embeddings(split, s.shard)]
+        for s in index_info.shards[: len(index_info.shards) - len(added_shards)]:
+            n = s.shard
             paths += [self.layout.index(n), self.layout.shard_tokens(n), self.layout.shard_doc_ids(n)]
         keys = [self.rel(p) for p in paths] + added_files
         files = {k: self.files[k] for k in sorted(keys)}
-        neighbors = self.previous.get("neighbors", {})
-        unchanged = all(self.previous.get("files", {}).get(k) == v for k, v in files.items())
+        previous = self.previous
+        neighbors = (previous.neighbors if previous else None) or {}
+        unchanged = all((previous.files if previous else {}).get(k) == v for k, v in files.items())
         if neighbors and unchanged:  # precomputed neighbour tables stay valid while nothing else changed
-            files.update(
-                {v["file"]: self.files[v["file"]] for v in neighbors.values() if v["file"] in self.files}
-            )
+            files.update({v.file: self.files[v.file] for v in neighbors.values() if v.file in self.files})
         else:
             neighbors = {}
         counts = self._counts(corpus, plans)
         for split, entries in added_splits.items():
-            counts["documents"][split] = self.previous["counts"]["documents"].get(split, 0)
-            counts["chunks"][split] = sum(s["chunk_end"] - s["chunk_start"] for s in entries)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "status": "complete",
-            "db_id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
-            "fingerprint": build_fingerprint(fingerprint),
-            "fingerprint_inputs": fingerprint,
-            "config": self.config.to_dict()["database"],
-            "chunk_len": self.db.chunk_len,
-            "tokenizer": {
-                "file": "tokenizer.json",
-                "sha256": files["tokenizer.json"],
-                "vocab_size": tokenizer.get_vocab_size(),
-                "pad_id": pad_id(tokenizer),
-                "eod_id": eod_id(tokenizer),
-            },
-            "encoder": {
-                "name": self.db.embed.model,
-                "path": resolve_encoder_path(self.db.embed.model),
-                "dim": dim,
-                "dtype": self.db.embed.dtype,
-                "compute_dtype": self.db.embed.compute_dtype,
-                "batch_size": self.db.embed.batch_size,
-                "normalized": True,
-            },
-            "counts": counts,
-            "splits": {**{split: plans[split] for split in SPLITS}, **added_splits},
-            "index": index_info,
-            "files": files,
-            "inputs": {k: self.inputs[k] for k in files if k in self.inputs},
-            "neighbors": neighbors,
-        }
-        if "revision" in self.previous:
-            manifest["revision"] = self.previous["revision"]
-        if self.written or manifest != self.previous:  # a checkpoint may have replaced it
+            counts.documents[split] = previous.counts.documents.get(split, 0)
+            counts.chunks[split] = sum(s.num_chunks for s in entries)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            status="complete",
+            db_id=hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
+            fingerprint=build_fingerprint(fingerprint),
+            fingerprint_inputs=fingerprint,
+            config=self.config.to_dict()["database"],
+            chunk_len=self.db.chunk_len,
+            tokenizer=TokenizerInfo(
+                file="tokenizer.json",
+                sha256=files["tokenizer.json"],
+                vocab_size=tokenizer.get_vocab_size(),
+                pad_id=pad_id(tokenizer),
+                eod_id=eod_id(tokenizer),
+            ),
+            encoder=EncoderInfo(
+                name=self.db.embed.model,
+                path=resolve_encoder_path(self.db.embed.model),
+                dim=dim,
+                dtype=self.db.embed.dtype,
+                compute_dtype=self.db.embed.compute_dtype,
+                batch_size=self.db.embed.batch_size,
+                normalized=True,
+            ),
+            counts=counts,
+            splits={**{split: plans[split] for split in SPLITS}, **added_splits},
+            index=index_info,
+            files=files,
+            inputs={k: self.inputs[k] for k in files if k in self.inputs},
+            neighbors=neighbors,
+            revision=previous.revision if previous else None,
+        )
+        if self.written or manifest != previous:  # a checkpoint may have replaced it
             write_manifest(self.layout, manifest)
         self.stats["total_seconds"] = time.perf_counter() - t_start
         logger.info(
             "database %s: %d documents, %d chunks, %d files written (%.1fs)",
             self.layout.root,
-            sum(counts["documents"].values()),
-            sum(counts["chunks"].values()),
+            sum(counts.documents.values()),
+            sum(counts.chunks.values()),
             len(self.written),
             self.stats["total_seconds"],
         )
         return manifest
 
-    def _counts(self, corpus: Corpus, plans) -> dict[str, Any]:
+    def _counts(self, corpus: Corpus, plans) -> Counts:
         real = total = 0
         for split in SPLITS:
             for s in plans[split]:
-                table = chunking.read_chunks(self.layout.chunks(split, s["shard"]), ["n_tokens"])
+                table = chunking.read_chunks(self.layout.chunks(split, s.shard), ["n_tokens"])
                 real += int(np.asarray(table.column("n_tokens")).sum())
                 total += table.num_rows * self.db.chunk_len
-        return {
-            "documents_read": corpus.read,
-            "documents_empty": corpus.empty,
-            "documents": {split: len(corpus.split(split)) for split in SPLITS},
-            "chunks": {
-                split: sum(s["chunk_end"] - s["chunk_start"] for s in plans[split]) for split in SPLITS
-            },
-            "tokens": real,
-            "padding_fraction": 1 - real / total if total else 0.0,
-        }
+        return Counts(
+            documents_read=corpus.read,
+            documents_empty=corpus.empty,
+            documents={split: len(corpus.split(split)) for split in SPLITS},
+            chunks={split: sum(s.num_chunks for s in plans[split]) for split in SPLITS},
+            tokens=real,
+            padding_fraction=1 - real / total if total else 0.0,
+        )
 
 
 @contextlib.contextmanager
@@ -620,7 +623,7 @@ def _omp_threads(threads: int | None):
         faiss.omp_set_num_threads(before)
 
 
-def build_database(config: PlatformConfig) -> dict[str, Any]:
+def build_database(config: PlatformConfig) -> Manifest:
     """Build, resume or repair the database at ``config.db_path`` -> its manifest. Tracked in MLflow.
 
     Logs the config as params, counts and per-stage throughput as metrics, and manifest.json as an
@@ -632,10 +635,10 @@ def build_database(config: PlatformConfig) -> dict[str, Any]:
             tracking.log_params(config.flatten())
             manifest = builder.run()
             metrics = dict(builder.stats)
-            metrics.update(tracking.flatten_numbers(manifest["counts"]))
+            metrics.update(tracking.flatten_numbers(dataclasses.asdict(manifest.counts)))
             metrics["files_written"] = len(builder.written)
             tracking.log_metrics(metrics)
-            tracking.set_tags({"db_id": manifest["db_id"], "index": manifest["index"]["factory"]})
+            tracking.set_tags({"db_id": manifest.db_id, "index": manifest.index.factory})
             tracking.log_artifact(builder.layout.manifest)
             logger.info("MLflow run %s in %s", run.info.run_id, config.tracking_uri)
         return manifest

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from retro_platform.db.manifest import Manifest
 from retro_platform.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -130,14 +131,14 @@ class Embedder:
         self.dim = int(get_dim())
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], **overrides: Any) -> Embedder:
+    def from_manifest(cls, manifest: Manifest, **overrides: Any) -> Embedder:
         """An embedder with the encoder, weight dtype, batch size and output dtype a database was built with."""
-        encoder = manifest["encoder"]
+        encoder = manifest.encoder
         kwargs = dict(
-            model=encoder["name"],
-            compute_dtype=encoder.get("compute_dtype", "auto"),
-            batch_size=encoder.get("batch_size", 64),
-            out_dtype=encoder["dtype"],
+            model=encoder.name,
+            compute_dtype="auto" if encoder.compute_dtype is None else encoder.compute_dtype,
+            batch_size=64 if encoder.batch_size is None else encoder.batch_size,
+            out_dtype=encoder.dtype,
         )
         kwargs.update(overrides)
         return cls(**kwargs)

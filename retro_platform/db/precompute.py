@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +17,7 @@ import ray
 from retro_platform.config import PlatformConfig
 from retro_platform.db.files import file_sha256, write_table_atomic
 from retro_platform.db.layout import DatabaseLayout
-from retro_platform.db.manifest import validate_database, write_manifest
+from retro_platform.db.manifest import Manifest, NeighborTable, validate_database, write_manifest
 from retro_platform.db.store import ChunkStore
 from retro_platform.ray_utils import ray_session
 from retro_platform.serve.pool import NeighborPool
@@ -41,9 +40,7 @@ class _QueryBatch:
         return {"chunk_id": ids, "neighbor_ids": result.chunk_ids, "scores": result.scores}
 
 
-def neighbor_table(
-    config: PlatformConfig, pool: NeighborPool, split: str, manifest: dict[str, Any]
-) -> pa.Table:
+def neighbor_table(config: PlatformConfig, pool: NeighborPool, split: str, manifest: Manifest) -> pa.Table:
     """Neighbours of every chunk of ``split`` as a table sorted by chunk id."""
     store = ChunkStore(config.db_path, manifest)
     first, last = store.split_range(split)
@@ -72,23 +69,24 @@ def neighbor_table(
     )
 
 
-def precompute_neighbors(config: PlatformConfig, pool: NeighborPool | None = None) -> dict[str, Any]:
-    """Write neighbors/<split>.parquet for train and valid and record them in the manifest."""
+def precompute_neighbors(config: PlatformConfig, pool: NeighborPool | None = None) -> Manifest:
+    """Write neighbors/<split>.parquet for train and valid and record them in the manifest -> the
+    database's new manifest."""
     with ray_session(config) as session:
         manifest = validate_database(config.db_path, expect={"chunk_len": config.database.chunk_len})
         pool = pool or session.start_pool(manifest)
         layout = DatabaseLayout(config.db_path)
         for split in ("train", "valid"):
-            if not manifest["splits"].get(split):
+            if not manifest.splits.get(split):
                 continue
             t0 = time.perf_counter()
             table = neighbor_table(config, pool, split, manifest)
             path = layout.neighbors(split)
             write_table_atomic(table, path)
             relative = layout.relative(path)
-            manifest["files"][relative] = file_sha256(path)
+            manifest.files[relative] = file_sha256(path)
             k = config.model.num_neighbors * config.serve.search_depth
-            manifest.setdefault("neighbors", {})[split] = {"file": relative, "candidates": k}
+            manifest.neighbors[split] = NeighborTable(file=relative, candidates=k)
             logger.info(
                 "neighbours of %d %s chunks in %.1fs -> %s",
                 table.num_rows,

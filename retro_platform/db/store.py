@@ -8,25 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from retro_platform.db.chunk import read_chunks, tokens_array
 from retro_platform.db.layout import DatabaseLayout
-from retro_platform.db.manifest import load_manifest
+from retro_platform.db.manifest import Manifest, load_manifest
 
 
 class ChunkStore:
     """Read-only view of every chunk of a database (all splits, including added documents)."""
 
-    def __init__(self, db_path: str | Path, manifest: dict[str, Any] | None = None):
+    def __init__(self, db_path: str | Path, manifest: Manifest | None = None):
         self.layout = DatabaseLayout(db_path)
         self.manifest = manifest or load_manifest(db_path)
-        self.chunk_len = int(self.manifest["chunk_len"])
+        self.chunk_len = self.manifest.chunk_len
         self.shards = sorted(
-            (s["chunk_start"], s["chunk_end"], split, s["shard"])
-            for split, shards in self.manifest["splits"].items()
+            (s.chunk_start, s.chunk_end, split, s.shard)
+            for split, shards in self.manifest.splits.items()
             for s in shards
         )
         self._starts = np.array([s[0] for s in self.shards], dtype=np.int64)
@@ -40,10 +39,10 @@ class ChunkStore:
 
     def split_range(self, split: str) -> tuple[int, int]:
         """[first, last) chunk ids of a split."""
-        shards = self.manifest["splits"].get(split) or []
+        shards = self.manifest.splits.get(split) or []
         if not shards:
             return (0, 0)
-        return int(shards[0]["chunk_start"]), int(shards[-1]["chunk_end"])
+        return shards[0].chunk_start, shards[-1].chunk_end
 
     def _locate(self, chunk_ids: np.ndarray) -> np.ndarray:
         chunk_ids = np.asarray(chunk_ids, dtype=np.int64)

@@ -6,14 +6,14 @@ import numpy as np
 
 from retro_platform.config import PlatformConfig
 from retro_platform.db.embed import Embedder
-from retro_platform.db.manifest import validate_database
+from retro_platform.db.manifest import Manifest, validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.errors import RetroError
 from retro_platform.ray_utils import ray_session
 from retro_platform.serve.pool import NeighborPool, Neighbors
 
 
-def query_embedding(manifest: dict, text: str) -> np.ndarray:
+def query_embedding(manifest: Manifest, text: str) -> np.ndarray:
     """Embed a text with the database's own encoder -> [1, dim] float32."""
     return Embedder.from_manifest(manifest, out_dtype="float32").encode([text])
 
@@ -27,7 +27,7 @@ def find_neighbors(
 ) -> tuple[str, Neighbors, list[str]]:
     """(query text, neighbours, neighbour texts) for a chunk id (its own document excluded) or a text."""
     store = ChunkStore(config.db_path)
-    indexed = sum(int(s["n_vectors"]) for s in store.manifest["index"]["shards"])
+    indexed = store.manifest.index.num_vectors
     if k is not None and not 1 <= k <= indexed:
         raise RetroError(f"--k {k} is out of range: the index holds {indexed} chunks; ask for 1..{indexed}")
     if chunk_id is not None:

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from retro_platform.config import PlatformConfig
-from retro_platform.db.manifest import validate_database
+from retro_platform.db.manifest import Manifest, validate_database
 from retro_platform.serve.shard import ShardActor
 
 logger = logging.getLogger(__name__)
@@ -66,24 +66,24 @@ class NeighborPool:
         self._turn = 0
 
     @classmethod
-    def start(cls, config: PlatformConfig, manifest: dict[str, Any] | None = None) -> NeighborPool:
+    def start(cls, config: PlatformConfig, manifest: Manifest | None = None) -> NeighborPool:
         """Start (or attach to, by name) one actor per index shard and replica of the configured database."""
         manifest = manifest or validate_database(
             config.db_path, expect={"chunk_len": config.database.chunk_len}
         )
         serve = config.serve
-        pool = cls([], config.model.num_neighbors, serve.search_depth, serve.max_retries, manifest["db_id"])
+        pool = cls([], config.model.num_neighbors, serve.search_depth, serve.max_retries, manifest.db_id)
         pool.refresh(config, manifest)
         logger.info("neighbour pool: %d shards x %d replicas ready", pool.num_shards, serve.replicas)
         return pool
 
-    def refresh(self, config: PlatformConfig, manifest: dict[str, Any]) -> None:
+    def refresh(self, config: PlatformConfig, manifest: Manifest) -> None:
         """Start actors for index shards the pool does not serve yet (after `retro add-docs`)."""
         serve = config.serve
         index_cfg = config.database.index
         threads = max(1, math.ceil(serve.cpus_per_actor))
         resources = {config.ray.build_resource: 0.01} if config.ray.build_resource else None
-        for shard in manifest["index"]["shards"][self.num_shards :]:
+        for shard in manifest.index.shards[self.num_shards :]:
             handles = []
             for replica in range(serve.replicas):
                 handles.append(
@@ -91,7 +91,7 @@ class NeighborPool:
                         # search parameters are part of the name: a pool started with another nprobe
                         # or efSearch never attaches to actors that search differently
                         name=(
-                            f"{serve.name}-{manifest['db_id']}-{shard['shard']}-{replica}"
+                            f"{serve.name}-{manifest.db_id}-{shard.shard}-{replica}"
                             f"-p{index_cfg.nprobe}-e{index_cfg.ef_search}"
                         ),
                         namespace=config.ray.namespace,
@@ -104,7 +104,7 @@ class NeighborPool:
                         scheduling_strategy="SPREAD",
                     ).remote(
                         str(config.db_path),
-                        shard["shard"],
+                        shard.shard,
                         index_cfg.nprobe,
                         index_cfg.ef_search,
                         index_cfg.blas_threshold,

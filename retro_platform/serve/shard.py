@@ -40,14 +40,14 @@ class ShardActor:
     ):
         layout = DatabaseLayout(db_path)
         manifest = load_manifest(db_path)
-        info = next((s for s in manifest["index"]["shards"] if s["shard"] == shard), None)
+        info = next((s for s in manifest.index.shards if s.shard == shard), None)
         if info is None:
             raise DatabaseError(
                 f"database {db_path} has no index shard {shard}; rebuild it with retro build-db"
             )
         self.shard = shard
-        self.chunk_start = int(info["chunk_start"])
-        self.pad_id = int(manifest["tokenizer"]["pad_id"])
+        self.chunk_start = info.chunk_start
+        self.pad_id = manifest.tokenizer.pad_id
         self.index = faiss.read_index(str(layout.index(shard)), faiss.IO_FLAG_READ_ONLY)
         set_search_params(self.index, nprobe, ef_search)
         if ray.get_gpu_ids() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:

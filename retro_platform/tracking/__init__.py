@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from retro_platform.config import PlatformConfig
+from retro_platform.db.manifest import Manifest
 from retro_platform.errors import TrackingError
 
 logger = logging.getLogger(__name__)
@@ -172,11 +173,11 @@ def run_exists(config: PlatformConfig, run_id: str | None) -> bool:
     return True
 
 
-def training_tags(config: PlatformConfig, manifest: dict[str, Any]) -> dict[str, str]:
+def training_tags(config: PlatformConfig, manifest: Manifest) -> dict[str, str]:
     """Tags of a training run: model kind, comparison group, database id, neighbour source, run name."""
     tags = {
         "model_kind": "retro" if config.model.retrieval else "baseline",
-        "db_id": manifest["db_id"],
+        "db_id": manifest.db_id,
         "neighbor_mode": config.train.neighbor_mode if config.model.retrieval else "none",
         "train_name": config.train.name,
     }
@@ -187,7 +188,7 @@ def training_tags(config: PlatformConfig, manifest: dict[str, Any]) -> dict[str,
 
 @contextlib.contextmanager
 def training_run(
-    config: PlatformConfig, manifest: dict[str, Any], resume_run_id: str | None = None
+    config: PlatformConfig, manifest: Manifest, resume_run_id: str | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """Start the MLflow run of a training (driver side; workers log to it by id) and end it after.
 
@@ -195,7 +196,7 @@ def training_run(
     resumed training (``resume_run_id``, e.g. from the checkpoint it resumes) continues its old run, so
     its curves continue too; params it already has are kept and changed ones are reported in a tag.
     """
-    params = {**config.flatten(), "db_id": manifest["db_id"]}
+    params = {**config.flatten(), "db_id": manifest.db_id}
     if run_exists(config, resume_run_id):
         setup(config)
         with mlflow.start_run(run_id=resume_run_id) as run:

@@ -69,7 +69,7 @@ class SequenceSource:
                 f"sequence of {self.chunks_per_seq}; lower train.seq_len or add documents"
             )
         self.k = k
-        self.pad = int(store.manifest["tokenizer"]["pad_id"])
+        self.pad = store.manifest.tokenizer.pad_id
         self.token_bytes = token_bytes
         self._table: np.ndarray | None = None
         self._table_first = 0
@@ -122,13 +122,13 @@ class SequenceSource:
         """Read the precomputed neighbour table of this split (from `retro query-neighbors`)."""
         if self._table is not None:
             return
-        info = self.store.manifest.get("neighbors", {}).get(self.split)
+        info = self.store.manifest.neighbors.get(self.split)
         if not info:
             raise DatabaseError(
                 f"database {self.store.layout.root} has no precomputed neighbours for the {self.split} split; "
                 "run `retro query-neighbors` or set train.neighbor_mode=online"
             )
-        table = pq.read_table(self.store.layout.root / info["file"], columns=["chunk_id", "neighbor_ids"])
+        table = pq.read_table(self.store.layout.root / info.file, columns=["chunk_id", "neighbor_ids"])
         width = table.schema.field("neighbor_ids").type.list_size
         flat = table.column("neighbor_ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         self._table = np.asarray(flat, dtype=np.int64).reshape(table.num_rows, width)

@@ -164,7 +164,7 @@ def database_copy(debug_db, tmp_path):
 def test_k_larger_than_the_index_is_refused(database_copy, capsys):
     config, manifest, work = database_copy
     before = files_under(work)
-    total = sum(s["n_vectors"] for s in manifest["index"]["shards"])
+    total = sum(s.n_vectors for s in manifest.index.shards)
     common = ["--config", "debug", "--set", f"work_dir={work}"]
     err = run_cli(capsys, "neighbors", *common, "--chunk-id", "0", "--k", str(total + 1))
     assert str(total) in err and "--k" in err
@@ -183,7 +183,7 @@ def test_checkpoint_that_does_not_match_the_database_is_refused(database_copy, c
     save_model_dir(
         other_chunk_len,
         Retro(dataclasses.replace(matched, chunk_len=32)),
-        extra={"step": 0, "tokenizer_sha256": manifest["tokenizer"]["sha256"]},
+        extra={"step": 0, "tokenizer_sha256": manifest.tokenizer.sha256},
     )
     before = files_under(work)
     common = ["--config", "debug", "--set", f"work_dir={work}", "--set", "tracking.experiment=bad-inputs"]

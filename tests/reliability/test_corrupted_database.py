@@ -65,7 +65,7 @@ def test_every_command_refuses_a_damaged_database_and_build_db_repairs_it(debug_
     save_model_dir(
         checkpoint,
         Retro(dataclasses.replace(model_for_database(config, original).model)),
-        extra={"step": 0, "tokenizer_sha256": original["tokenizer"]["sha256"]},
+        extra={"step": 0, "tokenizer_sha256": original.tokenizer.sha256},
     )
     new_docs = tmp_path / "new.jsonl"
     new_docs.write_text(json.dumps({"id": "new", "text": "A new document about nothing much."}) + "\n")
@@ -91,5 +91,5 @@ def test_every_command_refuses_a_damaged_database_and_build_db_repairs_it(debug_
 
     assert main(["build-db", *common]) == 0
     repaired = validate_database(config.db_path)
-    assert repaired["files"] == original["files"]
-    assert repaired["db_id"] == original["db_id"]
+    assert repaired.files == original.files
+    assert repaired.db_id == original.db_id

@@ -74,13 +74,13 @@ def test_build_killed_mid_stage_resumes_byte_identical(debug_db, tmp_path, stage
     )
 
     partial = load_manifest(config.db_path)
-    assert partial["status"] == "building"
-    assert len(partial["files"]) < len(uninterrupted["files"])
+    assert partial.status == "building"
+    assert len(partial.files) < len(uninterrupted.files)
     with pytest.raises(DatabaseError, match="only partly built"):
         validate_database(config.db_path)
 
     resumed = build_database(config)
-    assert resumed["files"] == uninterrupted["files"]
-    assert resumed["db_id"] == uninterrupted["db_id"]
+    assert resumed.files == uninterrupted.files
+    assert resumed.db_id == uninterrupted.db_id
     assert not list(config.db_path.rglob("*.tmp"))
     validate_database(config.db_path)
