@@ -6,12 +6,16 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import ray
 
 from retro_platform.config import PlatformConfig
 from retro_platform.output import QUIET_ENV_VARS, VERBOSE_ENV, filter_ray_worker_lines
+
+if TYPE_CHECKING:  # the pool and the manifest import the database modules
+    from retro_platform.db.manifest import Manifest
+    from retro_platform.serve.pool import NeighborPool
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +88,14 @@ class RaySession:
 
     def __init__(self, config: PlatformConfig):
         self.config = config
-        self.pools: list = []
+        self.pools: list[NeighborPool] = []
 
-    def start_pool(self, manifest: dict[str, Any] | None = None, config: PlatformConfig | None = None):
+    def start_pool(
+        self, manifest: Manifest | None = None, config: PlatformConfig | None = None
+    ) -> NeighborPool:
         """Start a NeighborPool over the database (``config``: another than the session's) that the
         session shuts down when it ends."""
-        from retro_platform.serve.pool import NeighborPool  # the pool imports the database modules
+        from retro_platform.serve.pool import NeighborPool
 
         pool = NeighborPool.start(config or self.config, manifest)
         self.pools.append(pool)
