@@ -1,4 +1,4 @@
-"""The `retro` command: demo, build-db, query-neighbors, add-docs, neighbors, train, eval, generate, compare.
+"""The `retro` command: demo, build-db, verify-db, query-neighbors, add-docs, neighbors, train, eval, generate, compare.
 
 Every subcommand takes ``--config <preset or YAML>`` and any number of ``--set section.field=value``
 overrides, and runs the matching platform function. Errors in input (bad config values, malformed
@@ -39,6 +39,16 @@ def cmd_build_db(config: PlatformConfig, args: argparse.Namespace) -> None:
     from retro_platform.db.build import build_database
 
     build_database(config)
+
+
+def cmd_verify_db(config: PlatformConfig, args: argparse.Namespace) -> None:
+    """Check every file of the database against its sha256 (stages only check sizes and times)."""
+    from retro_platform.db.manifest import validate_database
+
+    manifest = validate_database(config.db_path, check_files="full")
+    print(
+        f"database {config.db_path} ({manifest.db_id}): all {len(manifest.files)} files match their checksums"
+    )
 
 
 def cmd_query_neighbors(config: PlatformConfig, args: argparse.Namespace) -> None:
@@ -115,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("demo", cmd_demo, "build the database, train RETRO and a baseline, evaluate, compare, generate")
     add("build-db", cmd_build_db, "build the retrieval database (Ray Data)")
+    add("verify-db", cmd_verify_db, "check every database file against its checksum (sha256)")
     add("query-neighbors", cmd_query_neighbors, "precompute the neighbour table (Ray Data over the pool)")
     p = add("add-docs", cmd_add_docs, "add documents to the database and the running pool")
     p.add_argument("files", nargs="+", help="JSONL/Parquet files or folders of .txt/.md documents")

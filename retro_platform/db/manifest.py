@@ -176,6 +176,18 @@ class NeighborTable:
 
 
 @dataclass
+class FileStat:
+    """What a file looked like when its checksum was recorded (``Manifest.file_stats``)."""
+
+    size: int
+    """Bytes."""
+    mtime_ns: int
+    """Modification time (ns since the epoch)."""
+    sha256: str
+    """The checksum ``files`` held for it then (a manifest whose checksum was changed since is hashed)."""
+
+
+@dataclass
 class Manifest:
     """``manifest.json``: what was built, from what, and the sha256 of every file.
 
@@ -198,6 +210,11 @@ class Manifest:
     inputs: dict[str, dict[str, str]] | None = None
     """Relative path -> {relative path of each file it was made from: its sha256 then}; absent in early
     databases."""
+    file_stats: dict[str, FileStat] | None = dataclasses.field(default=None, compare=False)
+    """Relative path -> size and modification time of every file of ``files`` when the manifest was
+    written (``write_manifest``): the quick check compares these and hashes only files whose
+    modification time changed; absent in databases written before it existed. Not part of a
+    manifest's equality (two builds of the same bytes are equal whenever their files were written)."""
     db_id: str | None = None
     """Hash of ``files``: equal ids mean equal databases."""
     config: dict[str, Any] | None = None
@@ -329,8 +346,20 @@ EXPECTABLE: dict[str, Callable[[Manifest], Any]] = {
 """What a later stage can require of a database (``validate_database(expect=...)``)."""
 
 
+def record_file_stats(layout: DatabaseLayout, manifest: Manifest) -> None:
+    """Set ``manifest.file_stats`` to the current size and modification time of its existing files."""
+    stats = {}
+    for relative in sorted(manifest.files):
+        path = layout.root / relative
+        if path.exists():
+            info = path.stat()
+            stats[relative] = FileStat(info.st_size, info.st_mtime_ns, manifest.files[relative])
+    manifest.file_stats = stats
+
+
 def write_manifest(layout: DatabaseLayout, manifest: Manifest) -> None:
-    """Write manifest.json atomically."""
+    """Write manifest.json atomically, with the files' current stats (``record_file_stats``)."""
+    record_file_stats(layout, manifest)
     write_json_atomic(manifest.to_dict(), layout.manifest)
 
 
@@ -365,14 +394,16 @@ def load_manifest(db_path: str | Path) -> Manifest:
 def validate_database(
     db_path: str | Path,
     expect: dict[str, Any] | None = None,
-    check_files: bool = True,
+    check_files: str | bool = "quick",
 ) -> Manifest:
     """Load and check a database -> its (complete) manifest.
 
     ``expect`` may name any of ``EXPECTABLE`` (``chunk_len``, ``tokenizer_sha256``, ``encoder``,
     ``vocab_size``, ``dim``, ``pad_id``): a mismatch raises DatabaseError saying which; an unknown key
-    is a ValueError (a typo must not pass silently). ``check_files`` verifies every file against its
-    checksum (sha256), naming the first missing or different one.
+    is a ValueError (a typo must not pass silently). ``check_files`` checks every file, naming the first
+    missing or different one: "quick" (the default, when a stage starts) its size, and its sha256 only
+    when its modification time differs from the one recorded (or none was); "full" (``retro verify-db``)
+    its sha256 always; False not at all.
     """
     layout = DatabaseLayout(db_path)
     manifest = load_manifest(db_path)
@@ -391,11 +422,26 @@ def validate_database(
                 f"database {layout.root} was built with {key}={actual!r} but {value!r} is expected; "
                 "use the database this model was trained on, or rebuild/retrain so they match"
             )
+    if check_files not in ("quick", "full", False, True):
+        raise ValueError(
+            f"validate_database: check_files must be 'quick', 'full' or False, got {check_files!r}"
+        )
     if check_files:
+        stats = manifest.file_stats or {}
         for relative, checksum in manifest.files.items():
             path = layout.root / relative
             if not path.exists():
                 raise DatabaseError(f"database file {path} is missing; run `retro build-db` to rebuild it")
+            recorded = stats.get(relative)
+            if check_files == "quick" and recorded is not None and recorded.sha256 == checksum:
+                info = path.stat()
+                if info.st_size != recorded.size:
+                    raise DatabaseError(
+                        f"database file {path} does not match its checksum: it has {info.st_size} bytes, "
+                        f"{recorded.size} were written (truncated or modified); run `retro build-db` to rebuild it"
+                    )
+                if info.st_mtime_ns == recorded.mtime_ns:
+                    continue  # unchanged since it was recorded: `retro verify-db` hashes it anyway
             if file_sha256(path) != checksum:
                 raise DatabaseError(
                     f"database file {path} does not match its checksum (corrupt or modified); "

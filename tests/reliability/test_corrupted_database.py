@@ -4,13 +4,15 @@ Three kinds of damage (a truncated index shard, a Parquet file with altered byte
 recorded checksum is wrong) x six commands that open a database (query-neighbors, neighbors, add-docs,
 train, eval, generate), all through the CLI entry point: exit code 2, one line naming the file, and
 nothing written. Then `retro build-db` rebuilds what is damaged, and the database is byte-identical
-(same checksums, same id) to the original build.
+(same checksums, same id) to the original build. Stages check sizes and modification times;
+`retro verify-db` every checksum.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -22,6 +24,7 @@ from retro_model.model import Retro
 from retro_platform.checkpoints import model_for_database
 from retro_platform.cli import main
 from retro_platform.db.manifest import validate_database
+from retro_platform.errors import DatabaseError
 
 
 def truncate_index_shard(db):
@@ -93,3 +96,34 @@ def test_every_command_refuses_a_damaged_database_and_build_db_repairs_it(debug_
     repaired = validate_database(config.db_path)
     assert repaired.files == original.files
     assert repaired.db_id == original.db_id
+
+
+def test_stages_check_sizes_and_times_and_verify_db_every_checksum(debug_db, tmp_path, capsys):
+    """Starting a stage checks each file's size and modification time against the manifest (hashing only
+    files whose time changed); `retro verify-db` hashes every file."""
+    source, _ = debug_db
+    work = tmp_path / "work"
+    shutil.copytree(source.db_path, work / "db")  # copy2 keeps the modification times
+    config = debug_config(work, "tracking.experiment=verify")
+    common = ["--config", "debug", "--set", f"work_dir={work}"]
+    capsys.readouterr()
+    assert main(["verify-db", *common]) == 0
+    assert "files match their checksums" in capsys.readouterr().out
+
+    damaged = "chunks/train/shard-0000.parquet"
+    target = config.db_path / damaged
+    stat = target.stat()
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, time put back
+    validate_database(config.db_path)  # the quick check trusts an unchanged size and time
+    assert main(["verify-db", *common]) == 2
+    assert damaged in capsys.readouterr().err
+
+    os.utime(target)  # a new modification time: the quick check hashes the file
+    with pytest.raises(DatabaseError, match=damaged):
+        validate_database(config.db_path)
+    target.write_bytes(bytes(data[:-10]))  # another size: refused without hashing
+    with pytest.raises(DatabaseError, match="bytes"):
+        validate_database(config.db_path)
