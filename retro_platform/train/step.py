@@ -17,7 +17,7 @@ from retro_platform.train.data import SequenceSource, bits_per_byte
 
 def batch_loss(
     model: torch.nn.Module, tensors: dict[str, torch.Tensor | None], amp: bool, retrieval: bool = True
-):
+) -> torch.Tensor:
     """Mean loss (nats) of a batch from ``to_tensors``, without materialising [b, n, V] logits.
 
     ``model`` is a Retro or its DDP wrapper; ``retrieval=False`` drops the neighbours (the same model
