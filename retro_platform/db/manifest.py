@@ -346,8 +346,9 @@ EXPECTABLE: dict[str, Callable[[Manifest], Any]] = {
 """What a later stage can require of a database (``validate_database(expect=...)``)."""
 
 
-def record_file_stats(layout: DatabaseLayout, manifest: Manifest) -> None:
-    """Set ``manifest.file_stats`` to the current size and modification time of its existing files."""
+def write_manifest(layout: DatabaseLayout, manifest: Manifest) -> None:
+    """Write manifest.json atomically, with ``file_stats`` set to the current size and modification time
+    of every file of ``manifest.files`` that exists."""
     stats = {}
     for relative in sorted(manifest.files):
         path = layout.root / relative
@@ -355,11 +356,6 @@ def record_file_stats(layout: DatabaseLayout, manifest: Manifest) -> None:
             info = path.stat()
             stats[relative] = FileStat(info.st_size, info.st_mtime_ns, manifest.files[relative])
     manifest.file_stats = stats
-
-
-def write_manifest(layout: DatabaseLayout, manifest: Manifest) -> None:
-    """Write manifest.json atomically, with the files' current stats (``record_file_stats``)."""
-    record_file_stats(layout, manifest)
     write_json_atomic(manifest.to_dict(), layout.manifest)
 
 
@@ -422,7 +418,7 @@ def validate_database(
                 f"database {layout.root} was built with {key}={actual!r} but {value!r} is expected; "
                 "use the database this model was trained on, or rebuild/retrain so they match"
             )
-    if check_files not in ("quick", "full", False, True):
+    if check_files not in ("quick", "full", False):
         raise ValueError(
             f"validate_database: check_files must be 'quick', 'full' or False, got {check_files!r}"
         )
