@@ -161,3 +161,29 @@ def test_mirrored_corpus_holds_every_document_twice_originals_first():
     for split in (mirrored.train, mirrored.valid):
         kinds = [d["id"].endswith(MIRROR_SUFFIX) for d in split]
         assert kinds == sorted(kinds)
+
+
+def test_big_files_are_read_in_pieces_that_give_the_same_documents_and_line_numbers(tmp_path):
+    from retro_platform.db.corpus import corpus_pieces, parse_piece
+
+    jsonl = tmp_path / "big.jsonl"
+    lines = [f'{{"id": "d{i}", "text": "document {i} {"x" * (i % 7)}"}}' for i in range(60)]
+    jsonl.write_text("\n".join(lines) + "\n")
+    pieces = corpus_pieces(str(jsonl), piece_bytes=100)
+    assert len(pieces) > 10  # many reader tasks for one file
+    whole = read_documents(str(jsonl), use_ray=False)
+    assert [d["id"] for d in whole] == [f"d{i}" for i in range(60)]
+    assert read_documents(str(jsonl), use_ray=False, piece_bytes=100) == whole  # every line once, in order
+    assert sum(len(parse_piece(p)[0]) for p in pieces) == 60
+    lines[47] = '{"id": "d47", "text": '
+    jsonl.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorpusError, match=r"big\.jsonl, line 48: malformed JSON"):
+        read_documents(str(jsonl), use_ray=False, piece_bytes=100)
+
+    parquet = tmp_path / "big.parquet"
+    table = pa.table({"id": [f"p{i}" for i in range(40)], "text": [f"row {i}" for i in range(40)]})
+    pq.write_table(table, parquet, row_group_size=5)
+    assert len(corpus_pieces(str(parquet), piece_bytes=1)) == 8  # one row group per piece
+    docs = read_documents(str(parquet), use_ray=False, piece_bytes=1)
+    assert [d["id"] for d in docs] == table.column("id").to_pylist()
+    assert docs[33]["where"] == f"{parquet}, row 33"

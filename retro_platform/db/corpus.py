@@ -3,13 +3,16 @@
 Every reader yields documents ``{"id": str, "text": str, "title": str, "where": str}`` (``where``
 names the file and line/row it came from) and validates as it reads:
 malformed lines, missing or non-text fields and undecodable bytes raise ``CorpusError`` naming the file
-and the line (JSONL), row (Parquet) or file (folders). Files are parsed in parallel by Ray Data (one
-task per file); ``load_documents`` then checks ids are unique across the corpus, skips and counts empty
-documents, and splits train/valid by a stable hash of the id.
+and the line (JSONL), row (Parquet) or file (folders). A corpus is read in pieces (``corpus_pieces``:
+byte ranges of big JSON Lines files, row-group runs of big Parquet files, groups of text files) that
+reader tasks parse in parallel. ``load_documents`` reads a small corpus whole in this process (checks
+ids are unique, skips and counts empty documents, splits train/valid by a stable hash of the id); the
+database build does the same work streaming across the cluster (``retro_platform.db.build.documents``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -75,10 +78,11 @@ def _document(source: str, where: str, raw: Any) -> dict[str, str] | None:
     return {"id": str(doc_id), "text": text, "title": title, "where": f"{source}, {where}"}
 
 
-def parse_jsonl(source: str, data: bytes) -> list[dict[str, str]]:
-    """Documents of one JSON Lines file (bytes); errors name the file and 1-based line."""
+def parse_jsonl(source: str, data: bytes, line_offset: int = 0) -> list[dict[str, str]]:
+    """Documents of JSON Lines bytes (a file, or the lines of a piece of one after ``line_offset``
+    lines); errors name the file and 1-based line."""
     docs = []
-    for number, line in enumerate(data.split(b"\n"), start=1):
+    for number, line in enumerate(data.split(b"\n"), start=1 + line_offset):
         if not line.strip():
             continue
         try:
@@ -103,10 +107,14 @@ def parse_parquet(source: str, data: bytes) -> list[dict[str, str]]:
         table = pq.read_table(io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise CorpusError(f"{source}: not a readable Parquet file ({exc})") from None
+    return _parquet_documents(source, table)
+
+
+def _parquet_documents(source: str, table, first_row: int = 0) -> list[dict[str, str]]:
     missing = [c for c in ("id", "text") if c not in table.column_names]
     if missing:
         raise CorpusError(f"{source}: Parquet file lacks column(s) {missing}; it needs 'id' and 'text'")
-    return [_document(source, f"row {i}", row) for i, row in enumerate(table.to_pylist())]
+    return [_document(source, f"row {first_row + i}", row) for i, row in enumerate(table.to_pylist())]
 
 
 def parse_text_file(source: str, data: bytes, doc_id: str) -> list[dict[str, str]]:
@@ -155,6 +163,147 @@ def corpus_files(source: str) -> tuple[str, list[Path]]:
     raise CorpusError(f"corpus file {path} has an unknown type; use .jsonl, .parquet or a folder of .txt/.md")
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One reader task's share of a corpus: a byte range of a JSON Lines file, a run of row groups of a
+    Parquet file, a run of text files, or the whole packaged Wikipedia file. Pieces are numbered in
+    corpus order (files sorted, then position), so (piece, row) orders the documents of a corpus."""
+
+    index: int
+    """Position of the piece in the corpus."""
+    kind: str
+    """jsonl, parquet, text or wikipedia."""
+    root: str
+    """The corpus folder (text file ids are paths relative to it)."""
+    paths: tuple[str, ...]
+    """The file (or text files) it reads."""
+    start: int = 0
+    """jsonl: first byte (the piece begins at the first line starting at or after it); parquet: first row group."""
+    end: int = -1
+    """jsonl: the piece holds the lines that start before this byte; parquet: one past the last row group;
+    -1: to the end."""
+    line_offset: int = 0
+    """jsonl: lines of the file before the piece (``number_lines``), so errors name the file's line."""
+
+
+def piece_line_count(piece: Piece) -> int:
+    """Lines of a JSON Lines piece (0 for other kinds): what ``number_lines`` adds up."""
+    if piece.kind != "jsonl":
+        return 0
+    return _jsonl_range(piece.paths[0], piece.start, piece.end)[0].count(b"\n")
+
+
+def number_lines(pieces: list[Piece], line_counts: list[int]) -> list[Piece]:
+    """The pieces with ``line_offset`` set from every piece's line count (per-piece counts, then offsets)."""
+    numbered, offset, path = [], 0, None
+    for piece, count in zip(pieces, line_counts, strict=True):
+        if piece.paths[0] != path:
+            offset, path = 0, piece.paths[0]
+        numbered.append(dataclasses.replace(piece, line_offset=offset))
+        offset += count
+    return numbered
+
+
+def corpus_pieces(source: str, piece_bytes: int = 64 << 20) -> list[Piece]:
+    """Split a corpus into reader pieces of about ``piece_bytes`` each (from file sizes and Parquet
+    footers only), so big files are read by several tasks and small text files in groups."""
+    kind, files = corpus_files(source)
+    root = Path(source).expanduser()
+    root = str(root if root.is_dir() else root.parent)
+    pieces: list[Piece] = []
+
+    def add(paths: tuple[str, ...], start: int = 0, end: int = -1) -> None:
+        pieces.append(Piece(len(pieces), kind, root, paths, start, end))
+
+    if kind == WIKIPEDIA:
+        add((str(files[0]),))
+    elif kind == "jsonl":
+        size = files[0].stat().st_size
+        starts = list(range(0, max(size, 1), max(1, piece_bytes)))
+        for i, start in enumerate(starts):
+            add((str(files[0]),), start, starts[i + 1] if i + 1 < len(starts) else -1)
+    elif kind == "parquet":
+        try:
+            meta = pq.ParquetFile(files[0]).metadata
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise CorpusError(f"{files[0]}: not a readable Parquet file ({exc})") from None
+        group_start, group_bytes = 0, 0
+        for group in range(meta.num_row_groups):
+            group_bytes += meta.row_group(group).total_byte_size
+            if group_bytes >= piece_bytes:
+                add((str(files[0]),), group_start, group + 1)
+                group_start, group_bytes = group + 1, 0
+        if group_start < meta.num_row_groups or not pieces:
+            add((str(files[0]),), group_start, meta.num_row_groups)
+    else:
+        batch: list[str] = []
+        batch_bytes = 0
+        for path in files:
+            batch.append(str(path))
+            batch_bytes += path.stat().st_size
+            if batch_bytes >= piece_bytes or len(batch) >= 1024:
+                add(tuple(batch))
+                batch, batch_bytes = [], 0
+        if batch:
+            add(tuple(batch))
+    return pieces
+
+
+def _jsonl_range(path: str, start: int, end: int) -> tuple[bytes, int]:
+    """The whole lines of a JSON Lines file that start in [start, end) -> (bytes, offset of the first)."""
+    with open(path, "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                f.readline()  # the line under way at ``start`` belongs to the piece before
+        first = f.tell()
+        if end < 0:
+            return f.read(), first
+        if first >= end:
+            return b"", first
+        data = f.read(end - first)
+        if data and not data.endswith(b"\n"):
+            data += f.readline()  # finish the last line that starts before ``end``
+        return data, first
+
+
+def parse_piece(piece: Piece) -> tuple[list[dict[str, str]], str]:
+    """Read and validate one piece -> (its documents in order, sha256 of the bytes it read).
+
+    Errors name the file and the line (counted from the start of the file once ``number_lines`` set the
+    piece's ``line_offset``), row or entry."""
+    digest = hashlib.sha256(piece.kind.encode())
+    root = Path(piece.root)
+    if piece.kind == "jsonl":
+        path = piece.paths[0]
+        data, _ = _jsonl_range(path, piece.start, piece.end)
+        digest.update(data)
+        return parse_jsonl(path, data, piece.line_offset), digest.hexdigest()
+    if piece.kind == "parquet":
+        path = piece.paths[0]
+        try:
+            file = pq.ParquetFile(path)
+            table = file.read_row_groups(list(range(piece.start, piece.end)))
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from None
+        first_row = sum(file.metadata.row_group(g).num_rows for g in range(piece.start))
+        with open(path, "rb") as f:  # the bytes of the piece's row groups, as stored
+            for group in range(piece.start, piece.end):
+                meta = file.metadata.row_group(group)
+                for column in range(meta.num_columns):
+                    chunk = meta.column(column)
+                    f.seek(chunk.dictionary_page_offset or chunk.data_page_offset)
+                    digest.update(f.read(chunk.total_compressed_size))
+        return _parquet_documents(path, table, first_row), digest.hexdigest()
+    docs = []
+    for path in piece.paths:
+        data = Path(path).read_bytes()
+        name = Path(path).name if piece.kind == WIKIPEDIA else str(Path(path).relative_to(root))
+        digest.update(name.encode() + b"\0" + data)
+        docs += _parse_file(piece.kind, root, Path(path), data)
+    return docs, digest.hexdigest()
+
+
 def _parse_file(kind: str, root: Path, path: Path, data: bytes) -> list[dict[str, str]]:
     if kind == WIKIPEDIA:
         return parse_wikipedia(str(path), data)
@@ -165,51 +314,48 @@ def _parse_file(kind: str, root: Path, path: Path, data: bytes) -> list[dict[str
     return parse_text_file(str(path), data, str(path.relative_to(root)))
 
 
-def read_documents(source: str, use_ray: bool = True) -> list[dict[str, str]]:
-    """Parse every file of a corpus -> validated documents in corpus order (files sorted, then lines).
+def read_documents(source: str, use_ray: bool = True, piece_bytes: int = 64 << 20) -> list[dict[str, str]]:
+    """Parse every piece of a corpus -> validated documents in corpus order (files sorted, then lines).
 
-    With ``use_ray`` (and Ray initialised) the files are read and parsed by Ray Data tasks, one task
-    per file, so a corpus of many files parses in parallel across the cluster. A task reports a bad
-    file as an error row (Ray does not carry the exception's type back), and the ``CorpusError`` of
-    the first bad file in corpus order is raised here. Without Ray it parses in this process.
+    For the small inputs read whole (``retro add-docs``, tests, benchmarks): the database build streams
+    the pieces instead (``retro_platform.db.build.documents``). With ``use_ray`` (and Ray initialised)
+    the pieces are parsed by Ray tasks; the ``CorpusError`` of the first bad piece in corpus order is
+    raised here (a task reports it as a value: Ray does not carry the exception's type back).
     """
     import ray
 
-    kind, files = corpus_files(source)
-    root = Path(source).expanduser()
-    root = root if root.is_dir() else root.parent
+    pieces = corpus_pieces(source, piece_bytes)
+    if len(pieces) > 1:
+        pieces = number_lines(pieces, [piece_line_count(piece) for piece in pieces])
     if not (use_ray and ray.is_initialized()):
-        return [doc for path in files for doc in _parse_file(kind, root, path, path.read_bytes())]
+        return [doc for piece in pieces for doc in parse_piece(piece)[0]]
 
-    def parse(item: dict[str, Any]) -> list[dict[str, Any]]:
-        path = Path(item["path"])
+    @ray.remote(num_cpus=0.5)
+    def parse(piece: Piece) -> tuple[list[dict[str, str]], str]:
         try:
-            docs = _parse_file(kind, root, path, path.read_bytes())
+            return parse_piece(piece)[0], ""
         except CorpusError as exc:
-            empty = dict.fromkeys(DOCUMENT_KEYS, "")
-            return [{**empty, "file": item["file"], "position": -1, "error": str(exc)}]
-        return [{**doc, "file": item["file"], "position": i, "error": ""} for i, doc in enumerate(docs)]
+            return [], str(exc)
 
-    items = [{"file": i, "path": str(p)} for i, p in enumerate(files)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(parse, num_cpus=0.5)
-    rows = sorted(ds.take_all(), key=lambda r: (r["file"], r["position"]))
-    errors = [r["error"] for r in rows if r["error"]]
+    results = ray.get([parse.remote(piece) for piece in pieces])
+    errors = [error for _, error in results if error]
     if errors:
         raise CorpusError(errors[0])
-    return [{k: r[k] for k in DOCUMENT_KEYS} for r in rows]
+    return [doc for docs, _ in results for doc in docs]
 
 
-def corpus_digest(source: str) -> str:
-    """sha256 over the corpus files' names (relative) and contents: a rebuild notices a changed corpus."""
-    kind, files = corpus_files(source)
-    root = Path(source).expanduser()
-    root = root if root.is_dir() else root.parent
-    digest = hashlib.sha256(kind.encode())
-    for path in files:
-        digest.update(path.name.encode() if kind == WIKIPEDIA else str(path.relative_to(root)).encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(block)
+def corpus_digest(source: str, piece_bytes: int = 64 << 20) -> str:
+    """sha256 over the corpus pieces' digests: a rebuild notices a changed corpus. (The build computes
+    the same digest from its reader tasks instead of reading the corpus here.)"""
+    pieces = corpus_pieces(source, piece_bytes)
+    return combine_digests([parse_piece(piece)[1] for piece in pieces])
+
+
+def combine_digests(piece_digests: list[str]) -> str:
+    """The corpus digest from its pieces' digests, in piece order."""
+    digest = hashlib.sha256()
+    for piece_digest in piece_digests:
+        digest.update(piece_digest.encode())
     return digest.hexdigest()
 
 

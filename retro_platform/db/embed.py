@@ -157,26 +157,33 @@ class Embedder:
         return {"chunk_id": batch["chunk_id"], "embedding": self.encode(batch["text"].tolist())}
 
 
-class ChunkStoreEmbedder(Embedder):
-    """Ray Data callable class of the build: embeds one row group of a chunk-store shard per task.
+class ShardEmbedder(Embedder):
+    """Ray Data callable class of the build: embeds whole chunk-store shards and writes their vectors.
 
-    Input rows are work items ``{path, row_group, chunk_start}`` (``chunk_start`` = chunk id of the row
-    group's first row); the texts are read from the Parquet file inside the actor, so they never pass
-    through the driver, and every task embeds exactly the same texts in one ``encode`` call whatever
-    else the build does: a shard rebuilt alone or after an interruption gets byte-identical vectors.
-    Output: one row per chunk, ``{chunk_id, embedding}``.
+    Input rows are work items ``{chunks, out}``: the actor reads the shard's texts from the Parquet file
+    (they never pass through the driver), embeds each row group in one ``encode`` call (so a shard
+    rebuilt alone or after an interruption gets byte-identical vectors whatever else the build does),
+    and writes ``out`` (.npy, row i = the shard's chunk i) atomically. Output: one row per shard,
+    ``{out, sha256, rows}``; an empty ``out`` embeds without writing (benchmarks).
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Work items -> {chunk_id [n], embedding [n, dim]}."""
+        """Work items -> {out, sha256, rows}."""
         import pyarrow.parquet as pq
 
-        ids, vectors = [], []
-        for path, row_group, chunk_start in zip(
-            batch["path"], batch["row_group"], batch["chunk_start"], strict=True
-        ):
-            texts = pq.ParquetFile(str(path)).read_row_group(int(row_group), columns=["text"])
-            texts = texts.column("text").to_pylist()
-            ids.append(np.arange(int(chunk_start), int(chunk_start) + len(texts), dtype=np.int64))
-            vectors.append(self.encode(texts))
-        return {"chunk_id": np.concatenate(ids), "embedding": np.concatenate(vectors)}
+        from retro_platform.db.files import file_sha256, save_npy_atomic
+
+        outs, checksums, rows = [], [], []
+        for chunks, out in zip(batch["chunks"], batch["out"], strict=True):
+            file = pq.ParquetFile(str(chunks))
+            vectors = [
+                self.encode(file.read_row_group(group, columns=["text"]).column("text").to_pylist())
+                for group in range(file.metadata.num_row_groups)
+            ]
+            array = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), self.out_dtype)
+            if out:
+                save_npy_atomic(array, Path(str(out)))
+            outs.append(str(out))
+            checksums.append(file_sha256(str(out)) if out else "")
+            rows.append(len(array))
+        return {"out": np.asarray(outs), "sha256": np.asarray(checksums), "rows": np.asarray(rows)}

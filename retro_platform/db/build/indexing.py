@@ -1,0 +1,173 @@
+"""Stage 5 of the build: the FAISS index, trained in one Ray task and filled shard by shard in parallel.
+
+The training task (on a GPU when ``database.index.use_gpu`` and the cluster has one) reads a seeded
+sample spread over every shard's embeddings and writes ``index/trained.faiss``; a task per index shard
+adds that shard's vectors to a copy and writes the shard's index with its memory-mappable token and
+document-id arrays. The driver records the checksums the tasks report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retro_platform.config import PlatformConfig
+from retro_platform.db import chunk as chunking
+from retro_platform.db.build.ledger import Ledger
+from retro_platform.db.build.tasks import build_resources, run_tasks
+from retro_platform.db.files import file_sha256, save_npy_atomic, write_index_atomic
+from retro_platform.db.index import choose_factory, fill_index, min_training_vectors, new_index, train_index
+from retro_platform.db.manifest import IndexInfo, IndexShard, SplitShard
+from retro_platform.errors import DatabaseError
+
+logger = logging.getLogger(__name__)
+
+
+def index_sources(config: PlatformConfig, plans: dict[str, list[SplitShard]]) -> list[SplitShard]:
+    """The chunk-store shards the index holds, in index-shard order."""
+    return list(plans["train"]) + (list(plans["valid"]) if config.database.index.include_valid else [])
+
+
+def check_index_trainable(config: PlatformConfig, plans: dict[str, list[SplitShard]], dim: int) -> str:
+    """The index factory to build; refuse (before anything is written) one that cannot be trained."""
+    index_cfg = config.database.index
+    n_total = sum(s.num_chunks for s in index_sources(config, plans))
+    factory = index_cfg.factory
+    if factory == "auto":
+        factory = choose_factory(n_total, dim, index_cfg.memory_budget_gb, index_cfg.train_sample)
+    new_index(factory, dim)  # raises DatabaseError naming database.index.factory for a bad string
+    need = min_training_vectors(factory)
+    have = min(index_cfg.train_sample, n_total)
+    if have < need:
+        raise DatabaseError(
+            f"index {factory!r} needs at least {need} training vectors but this database gives {have} "
+            f"({n_total} chunks to index, database.index.train_sample={index_cfg.train_sample}); use a "
+            "smaller index (fewer IVF lists / PQ bits), 'Flat', or database.index.factory=auto"
+        )
+    return factory
+
+
+def train_task(
+    factory: str, embedding_files: list[str], sizes: list[int], sample: int, use_gpu: bool, out: str
+) -> str:
+    """Train ``factory`` on a seeded sample spread over the shards in proportion to their sizes and write
+    the empty trained index -> its sha256."""
+    rng = np.random.default_rng(0)
+    total = sum(sizes)
+    parts = []
+    for path, n in zip(embedding_files, sizes, strict=True):
+        take = min(n, max(1, round(sample * n / total)))
+        rows = np.sort(rng.choice(n, size=take, replace=False))
+        parts.append(np.asarray(np.load(path, mmap_mode="r")[rows], dtype=np.float32))
+    write_index_atomic(train_index(factory, np.concatenate(parts), use_gpu=use_gpu), Path(out))
+    return file_sha256(out)
+
+
+def fill_task(
+    trained_file: str,
+    embeddings_file: str,
+    chunks_file: str,
+    outs: dict[str, str],
+    chunk_len: int,
+    add_block: int,
+    use_gpu: bool,
+    single_thread: bool,
+) -> dict[str, str]:
+    """One index shard: the trained index filled with the shard's vectors, and its token and doc-id
+    arrays -> {output: sha256}."""
+    trained = faiss.read_index(trained_file)
+    with _omp_threads(1 if single_thread else None):
+        index = fill_index(trained, np.load(embeddings_file, mmap_mode="r"), add_block, use_gpu)
+    write_index_atomic(index, Path(outs["index"]))
+    table = chunking.read_chunks(Path(chunks_file), ["tokens", "doc_id"])
+    save_npy_atomic(chunking.tokens_array(table, chunk_len), Path(outs["tokens"]))
+    save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), Path(outs["doc_ids"]))
+    return {name: file_sha256(path) for name, path in outs.items()}
+
+
+def build_index(
+    config: PlatformConfig, ledger: Ledger, plans: dict[str, list[SplitShard]], factory: str
+) -> tuple[IndexInfo, dict[str, float]]:
+    """Train (unless current) and fill every index shard that is not current -> the manifest's index
+    section and the stage's stats."""
+    index_cfg = config.database.index
+    layout = ledger.layout
+    sources = index_sources(config, plans)
+    n_total = sum(s.num_chunks for s in sources)
+    trained_path = layout.root / "index" / "trained.faiss"
+    emb_paths = [layout.embeddings(s.split, s.shard) for s in sources]
+    resources = build_resources(config)
+    gpus = 1.0 if index_cfg.use_gpu else 0.0
+    t0 = time.perf_counter()
+    if not ledger.is_current(trained_path, emb_paths):
+        call = {
+            "factory": factory,
+            "embedding_files": [str(p) for p in emb_paths],
+            "sizes": [s.num_chunks for s in sources],
+            "sample": index_cfg.train_sample,
+            "use_gpu": index_cfg.use_gpu,
+            "out": str(trained_path),
+        }
+        (sha256,) = run_tasks("index.train", train_task, [call], resources, num_cpus=1, num_gpus=gpus)
+        ledger.record(trained_path, emb_paths, sha256)
+    shards, calls, outputs = [], [], []
+    for number, (s, emb_path) in enumerate(zip(sources, emb_paths, strict=True)):
+        chunks_path = layout.chunks(s.split, s.shard)
+        outs = {
+            "index": (layout.index(number), [emb_path, trained_path]),
+            "tokens": (layout.shard_tokens(number), [chunks_path]),
+            "doc_ids": (layout.shard_doc_ids(number), [chunks_path]),
+        }
+        shards.append(IndexShard.of(number, s))
+        if all(ledger.is_current(path, inputs) for path, inputs in outs.values()):
+            continue
+        outputs.append(outs)
+        calls.append(
+            {
+                "trained_file": str(trained_path),
+                "embeddings_file": str(emb_path),
+                "chunks_file": str(chunks_path),
+                "outs": {name: str(path) for name, (path, _) in outs.items()},
+                "chunk_len": config.database.chunk_len,
+                "add_block": index_cfg.add_block,
+                "use_gpu": index_cfg.use_gpu,
+                # graph indexes (HNSW) are order-dependent when filled on several threads
+                "single_thread": index_cfg.deterministic_add and "HNSW" in factory,
+            }
+        )
+
+    def recorded(i: int, checksums: dict[str, str]) -> None:
+        for name, (path, inputs) in outputs[i].items():
+            ledger.record(path, inputs, checksums[name])
+
+    run_tasks("index.fill", fill_task, calls, resources, num_cpus=1, num_gpus=gpus, on_result=recorded)
+    seconds = time.perf_counter() - t0
+    logger.info("index: %s over %d vectors in %d shards (%.1fs)", factory, n_total, len(shards), seconds)
+    info = IndexInfo(
+        factory=factory,
+        requested=index_cfg.factory,
+        metric="inner_product",
+        includes_valid=index_cfg.include_valid,
+        trained_file=ledger.rel(trained_path),
+        shards=shards,
+    )
+    return info, {"index_seconds": seconds, "vectors_per_second_index": n_total / max(seconds, 1e-9)}
+
+
+@contextlib.contextmanager
+def _omp_threads(threads: int | None):
+    """Run FAISS with ``threads`` OpenMP threads inside the block (None: unchanged)."""
+    if threads is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)

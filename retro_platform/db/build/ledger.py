@@ -1,0 +1,184 @@
+"""The build's bookkeeping, in one place: which outputs are current, what each was made from, and the
+partial manifest that lets an interrupted build resume.
+
+The manifest records, for each file, its sha256 and the sha256 of the files it was made from. A file
+is current when it is on disk as recorded and its inputs are too. Checking that costs a ``stat`` per
+file: the size and modification time recorded when the checksum was taken (``Manifest.file_stats``)
+vouch for the checksum, and only a file whose size or time changed is hashed again (in the driver:
+after an interruption or a repair, a few files). Workers hash what they write and report it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from retro_platform.config import PlatformConfig
+from retro_platform.db.files import file_sha256
+from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
+from retro_platform.db.manifest import Manifest, load_manifest, write_manifest
+from retro_platform.errors import DatabaseError
+
+logger = logging.getLogger(__name__)
+
+DB_ENTRIES = {"manifest.json", "tokenizer.json", "chunks", "embeddings", "index", "neighbors"}
+"""Names a database folder may hold (a folder with anything else is not overwritten)."""
+
+BUILD_SCHEME = "hash-buckets"
+"""How documents are assigned to shards (recorded in the fingerprint): by a stable hash of their id,
+so shards are formed by parallel tasks without a global pass. Databases built before (contiguous
+ranges in corpus order) are refused for a resume and rebuilt from scratch in another folder."""
+
+
+def fingerprint_inputs(config: PlatformConfig, digest: str) -> dict[str, Any]:
+    """Every setting (and the corpus content digest) that changes a database's bytes, not its resources."""
+    db = config.database
+    embed = db.embed
+    return {
+        "build.scheme": BUILD_SCHEME,
+        "chunk_len": db.chunk_len,
+        "num_shards": db.num_shards,
+        "corpus.source": db.corpus.source,
+        "corpus.digest": digest,
+        "corpus.max_documents": db.corpus.max_documents,
+        "corpus.valid_fraction": db.corpus.valid_fraction,
+        **({"corpus.mirror": True} if db.corpus.mirror else {}),
+        "tokenizer.path": db.tokenizer.path,
+        "tokenizer.vocab_size": db.tokenizer.vocab_size,
+        "tokenizer.min_frequency": db.tokenizer.min_frequency,
+        "tokenizer.sample_documents": db.tokenizer.sample_documents,
+        "embed.model": embed.model,
+        "embed.dtype": embed.dtype,
+        "embed.compute_dtype": embed.compute_dtype,
+        "embed.batch_size": embed.batch_size,
+        "embed.rows_per_task": embed.rows_per_task,
+        "index.factory": db.index.factory,
+        "index.train_sample": db.index.train_sample,
+        "index.include_valid": db.index.include_valid,
+        "index.memory_budget_gb": db.index.memory_budget_gb,
+    }
+
+
+def build_fingerprint(inputs: dict[str, Any]) -> str:
+    """Short hash of ``fingerprint_inputs``."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Ledger:
+    """What this build found, wrote and still has to write; keeps the partial manifest."""
+
+    def __init__(self, layout: DatabaseLayout):
+        self.layout = layout
+        self.previous: Manifest | None = None  # the manifest found (complete or partial), if any
+        self.files: dict[str, str] = {}  # relative path -> sha256, as recorded
+        self.inputs: dict[str, dict[str, str]] = {}  # relative path -> {input relative path: sha256}
+        self.written: list[str] = []  # relative paths written by this run
+        self.fingerprint: dict[str, Any] = {}
+        self._sha: dict[str, str | None] = {}
+
+    def rel(self, path: Path) -> str:
+        """Path relative to the database root (the manifest's key)."""
+        return self.layout.relative(path)
+
+    def sha(self, path: Path) -> str | None:
+        """sha256 of a file as it is now (None when missing): the recorded one while its size and
+        modification time are those recorded with it, else hashed (once per run)."""
+        key = self.rel(path)
+        if key not in self._sha:
+            if not path.exists():
+                self._sha[key] = None
+            else:
+                stat = ((self.previous.file_stats or {}) if self.previous else {}).get(key)
+                info = path.stat()
+                recorded = self.files.get(key)
+                vouched = (
+                    stat is not None
+                    and stat.sha256 == recorded
+                    and (stat.size, stat.mtime_ns) == (info.st_size, info.st_mtime_ns)
+                )
+                self._sha[key] = recorded if vouched else file_sha256(path)
+        return self._sha[key]
+
+    def load_previous(self, inputs: dict[str, Any]) -> None:
+        """Read the previous manifest (complete or partial); refuse a folder built with other settings."""
+        self.fingerprint = inputs
+        root = self.layout.root
+        if not self.layout.manifest.exists():
+            if root.exists():
+                strays = sorted(p.name for p in root.iterdir() if p.name not in DB_ENTRIES)
+                if [n for n in strays if not n.startswith(".")]:
+                    raise DatabaseError(
+                        f"{root} exists and is not a database (holds {strays[:5]}); choose another database.path"
+                    )
+            return
+        try:
+            self.previous = load_manifest(root)
+        except DatabaseError as exc:
+            logger.warning("%s; rebuilding every stage", exc)
+            return
+        if self.previous.fingerprint != build_fingerprint(inputs):
+            before = self.previous.fingerprint_inputs or {}
+            changed = sorted(k for k in inputs if before.get(k) != inputs[k]) if before else ["(unknown)"]
+            raise DatabaseError(
+                f"database {root} was built with different settings (changed: {', '.join(changed)}); "
+                "use another database.path, or delete the folder to rebuild it"
+            )
+        self.files = dict(self.previous.files)
+        self.inputs = {k: dict(v) for k, v in (self.previous.inputs or {}).items()}
+
+    def is_current(self, path: Path, inputs: list[Path]) -> bool:
+        """True when ``path`` matches its recorded checksum and was made from its inputs as they are now."""
+        key = self.rel(path)
+        actual = self.sha(path)
+        if actual is None or self.files.get(key) != actual:
+            return False
+        return self.inputs.get(key) == {self.rel(p): self.sha(p) for p in inputs}
+
+    def record(self, path: Path, inputs: list[Path], sha256: str | None = None) -> None:
+        """Note a freshly written file (with the checksum its writer reported, or hashed here) and what it
+        was made from; then save the progress in the partial manifest."""
+        key = self.rel(path)
+        self._sha[key] = sha256 or file_sha256(path)
+        self.files[key] = self._sha[key]
+        self.inputs[key] = {self.rel(p): self.sha(p) for p in inputs}
+        self.written.append(key)
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Write a partial manifest (status 'building') so an interrupted build resumes from here: the
+        progress so far, and every other section of the manifest this build started from."""
+        progress = dict(
+            format_version=FORMAT_VERSION,
+            status="building",
+            fingerprint=build_fingerprint(self.fingerprint),
+            fingerprint_inputs=self.fingerprint,
+            files=dict(sorted(self.files.items())),
+            inputs=dict(sorted(self.inputs.items())),
+        )
+        if self.previous is None:
+            write_manifest(self.layout, Manifest(**progress))
+        else:
+            write_manifest(self.layout, dataclasses.replace(self.previous, **progress))
+
+    def remove_temporaries(self) -> None:
+        """Delete temporary files an interrupted build left (``.<name>.tmp``)."""
+        if self.layout.root.exists():
+            for tmp in self.layout.root.rglob(".*.tmp"):
+                logger.info("removing %s left by an interrupted build", tmp)
+                tmp.unlink()
+
+
+def staging_folder(layout: DatabaseLayout) -> Path:
+    """Where a build keeps its intermediate files (bucketed documents, a new tokenizer): next to the
+    database, never inside it, so bad input refused half-way leaves the database folder untouched."""
+    return layout.root.parent / f".{layout.root.name}.build"
+
+
+def remove_staging(layout: DatabaseLayout) -> None:
+    """Delete the build's intermediate files."""
+    shutil.rmtree(staging_folder(layout), ignore_errors=True)

@@ -1,0 +1,71 @@
+"""Running one stage's work as Ray tasks on the build's nodes, with progress lines and results in order."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from retro_platform.config import PlatformConfig
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_SECONDS = 10.0
+"""A stage logs how far it got at most this often (and when it ends)."""
+
+
+def build_resources(config: PlatformConfig) -> dict[str, float] | None:
+    """The custom resource every build task and actor asks for (routes the build to ``cpu_build`` nodes)."""
+    return {config.ray.build_resource: 0.01} if config.ray.build_resource else None
+
+
+def embed_resources(config: PlatformConfig) -> dict[str, float] | None:
+    """What the encoder actors ask for besides CPUs/GPUs: ``ray.embed_resource`` (GPU encoder nodes) when
+    set, else the build's resource."""
+    name = getattr(config.ray, "embed_resource", None) or config.ray.build_resource
+    return {name: 0.01} if name else None
+
+
+def run_tasks(
+    stage: str,
+    function: Callable[..., Any],
+    calls: list[dict[str, Any]],
+    resources: dict[str, float] | None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    on_result: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
+    """Run ``function(**call)`` for every call as a Ray task -> the results in call order.
+
+    ``on_result(i, result)`` runs in the driver as each task finishes (the ledger records its output
+    there, so an interruption keeps what finished). A task's exception is raised here (the first to
+    finish failing), after the other tasks were cancelled.
+    """
+    if not calls:
+        return []
+    remote = ray.remote(function).options(
+        num_cpus=num_cpus, num_gpus=num_gpus or None, resources=resources, name=f"build.{stage}"
+    )
+    pending = {remote.remote(**call): i for i, call in enumerate(calls)}
+    results: list[Any] = [None] * len(calls)
+    done = 0
+    last = time.monotonic()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_SECONDS)
+            for ref in ready:
+                i = pending.pop(ref)
+                results[i] = ray.get(ref)
+                done += 1
+                if on_result is not None:
+                    on_result(i, results[i])
+            if time.monotonic() - last >= PROGRESS_SECONDS and pending:
+                logger.info("%s: %d/%d tasks done", stage, done, len(calls))
+                last = time.monotonic()
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+    return results
