@@ -26,6 +26,10 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 """Folder of the named presets shipped with the project."""
 
 
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+"""Resources Ray defines itself: never valid as a routing (custom) resource name."""
+
+
 def _check(condition: bool, setting: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config error in {setting}: {message}")
@@ -55,10 +59,24 @@ class RayConfig:
     """Custom resource every database-build task and actor asks for (routes the build to `cpu_build` nodes)."""
     train_resource: str | None = None
     """Custom resource every training worker asks for one unit of (routes training to `gpu_train` nodes)."""
+    embed_resource: str | None = None
+    """Custom resource the build's encoder actors ask for (routes GPU encoder actors to `gpu_embed`
+    nodes); None uses ``build_resource``."""
+    serve_resource: str | None = None
+    """Custom resource every neighbour shard actor asks for (routes the pool to on-demand `cpu_serve`
+    nodes); None uses ``build_resource``."""
 
     def __post_init__(self) -> None:
         _check(self.object_store_memory_gb > 0, "ray.object_store_memory_gb", "must be > 0")
         _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
+        for name in ("build_resource", "train_resource", "embed_resource", "serve_resource"):
+            value = getattr(self, name)
+            _check(
+                value is None or (bool(value.strip()) and value not in _RAY_BUILTIN_RESOURCES),
+                f"ray.{name}",
+                "must be null or the name of a custom resource your nodes offer (not empty, not CPU, "
+                "GPU, memory or object_store_memory)",
+            )
 
 
 @dataclass
@@ -71,8 +89,9 @@ class CorpusConfig:
     """Keep only the first N documents (a documented subset for quick presets); None keeps all."""
     valid_fraction: float = 0.05
     """Fraction of documents held out for validation, chosen by a stable hash of the document id."""
-    read_parallelism: int | None = None
-    """Blocks Ray Data reads the corpus into; None lets Ray decide."""
+    piece_mb: float = 64.0
+    """MB of a corpus file per reader task: big JSON Lines / Parquet files are read by several tasks in
+    parallel, small text files in groups."""
     mirror: bool = False
     """Add every document a second time as ``<id>#mirror`` (all originals first, then all mirrors), so
     nearly every chunk has an exact twin in the database: the setting that shows whether a model reads
@@ -86,6 +105,7 @@ class CorpusConfig:
             "database.corpus.max_documents",
             "must be >= 1 or null",
         )
+        _check(self.piece_mb > 0, "database.corpus.piece_mb", "must be > 0")
 
 
 @dataclass
@@ -98,9 +118,12 @@ class TokenizerConfig:
     """Vocabulary size of a trained tokenizer."""
     min_frequency: int = 2
     """Minimum pair frequency for a BPE merge."""
+    sample_documents: int = 100_000
+    """A trained tokenizer learns from the first N training documents (a bounded sample, in one task)."""
 
     def __post_init__(self) -> None:
         _check(self.vocab_size >= 260, "database.tokenizer.vocab_size", "must be >= 260 (bytes + specials)")
+        _check(self.sample_documents >= 1, "database.tokenizer.sample_documents", "must be >= 1")
 
 
 @dataclass
