@@ -35,3 +35,14 @@ class CheckpointError(RetroError):
 
 class TrackingError(RetroError):
     """The MLflow tracking store cannot be reached or created."""
+
+
+class StorageError(RetroError, OSError):
+    """A storage location (local/NFS path or ``s3://bucket/prefix``) cannot be used: the message says
+    what to change (credentials, bucket, endpoint, permissions). Also an OSError, like the I/O errors
+    it replaces."""
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """A file or object that was asked for does not exist (the bucket itself does: a missing bucket is a
+    plain StorageError, never this, so "not built yet" logic catching FileNotFoundError cannot hide it)."""

@@ -109,3 +109,34 @@ def debug_db(ray_session, tmp_path_factory):
     config = debug_config(work)
     manifest = build_database(config)
     return config, manifest
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server for the session: moto's standalone ``moto_server`` on 127.0.0.1 on a
+    free port (``tests/s3_server.py``), stopped at the end.
+
+    While it runs, this process's environment points every AWS client at it (the previous values are
+    restored at the end): AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_REGION,
+    AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 and MLFLOW_S3_ENDPOINT_URL (MLflow's S3 artifact store).
+    Ray workers see them only if they are passed on: a Ray started before this fixture (e.g.
+    ``ray_session``) inherited the environment without them, so the platform's
+    ``ray_utils.runtime_env_vars()`` must include ``retro_platform.storage.aws_env_vars()`` for
+    workers to reach the server (a worker without them sends unsigned requests, which moto refuses for
+    writes with AccessDenied, as a real S3 does)."""
+    from s3_server import S3Server
+
+    server = S3Server()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in server.env().items():
+                mp.setenv(name, value)
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on ``s3_server``, as ``"s3://<bucket>"``."""
+    return f"s3://{s3_server.create_bucket()}"
