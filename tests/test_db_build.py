@@ -70,14 +70,23 @@ def test_counts_ids_and_chunk_contents(debug_db):
             by_doc.setdefault(r["doc_id"], []).append(r)
         assert sorted(by_doc) == list(range(next_doc, next_doc + len(docs)))  # doc ids contiguous
         next_doc += len(docs)
-        for doc, (_, chunks) in zip(docs, sorted(by_doc.items()), strict=True):
+        texts = {doc["id"]: doc["text"] for doc in docs}
+        assert sorted(chunks[0]["doc_key"] for chunks in by_doc.values()) == sorted(texts)  # each once
+        for _, chunks in sorted(by_doc.items()):
             assert [c["position"] for c in chunks] == list(range(len(chunks)))
-            assert {c["doc_key"] for c in chunks} == {doc["id"]}  # no chunk spans two documents
+            (key,) = {c["doc_key"] for c in chunks}  # no chunk spans two documents
+            doc = {"id": key, "text": texts[key]}
             assert all(c["n_tokens"] == m for c in chunks[:-1])  # only a document's last chunk is padded
             ids = [t for c in chunks for t in c["tokens"][: c["n_tokens"]]]
             assert ids[-1] == manifest.tokenizer.eod_id
             assert tokenizer.decode(ids[:-1]) == doc["text"]  # the chunks give back the document
             assert tokenizer.decode(chunks[0]["tokens"][: chunks[0]["n_tokens"]]) == chunks[0]["text"]
+    # within a shard, documents keep their corpus order
+    order = {doc["id"]: i for i, doc in enumerate(corpus.train)}
+    for s in manifest.splits["train"]:
+        keys = pq.read_table(layout.chunks("train", s.shard), columns=["doc_key", "position"]).to_pylist()
+        firsts = [order[r["doc_key"]] for r in keys if r["position"] == 0]
+        assert firsts == sorted(firsts)
     # shards are contiguous ranges of documents and chunks
     for split in ("train", "valid"):
         shards = manifest.splits[split]
@@ -298,12 +307,12 @@ def test_build_db_command_prints_its_stages_and_nothing_that_reads_as_a_failure(
     assert not [line for line in output.splitlines() if "Error" in line or "Traceback" in line], output
     assert "has constructor arguments in the object store" not in output, output
     for stage in (
-        "corpus: corpus wikipedia: ",
-        "build: tokenizer: ",
-        "build: chunks: wrote ",
-        "build: embeddings: ",
-        "build: index: Flat over ",
-        "build: database ",
+        "build.documents: corpus wikipedia: ",
+        "build.pipeline: tokenizer: ",
+        "build.pipeline: chunks: wrote ",
+        "build.embeddings: embeddings: ",
+        "build.indexing: index: Flat over ",
+        "build.pipeline: database ",
         "build: MLflow run ",
     ):
         assert f"retro_platform.db.{stage}" in output, output
