@@ -416,21 +416,29 @@ class PlatformConfig:
         )
 
     # ---- paths -------------------------------------------------------------------------------------
-    def resolve(self, path: str | os.PathLike[str]) -> Path:
-        """An absolute path: relative paths are taken under ``work_dir``."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else Path(self.work_dir).expanduser().resolve() / p
+    def resolve(self, path: str | os.PathLike[str]) -> Path | str:
+        """An absolute location: relative paths are taken under ``work_dir``; a URI (``s3://...``), or a
+        relative path under a URI work_dir, is a URI string; anything else an absolute Path."""
+        from retro_platform import storage
+
+        text = os.fspath(path)
+        if storage.is_remote(text):
+            return text.rstrip("/")
+        p = Path(text).expanduser()
+        if p.is_absolute():
+            return p
+        if storage.is_remote(self.work_dir):
+            return storage.join(self.work_dir, text)
+        return Path(self.work_dir).expanduser().resolve() / p
 
     @property
-    def db_path(self) -> Path:
-        """Absolute database folder."""
+    def db_path(self) -> Path | str:
+        """Absolute database location (a Path, or an ``s3://`` URI)."""
         return self.resolve(self.database.path)
 
     @property
     def storage_path(self) -> Path | str:
-        """Absolute Ray Train storage (a URI is returned unchanged)."""
-        if "://" in self.train.storage_path:
-            return self.train.storage_path
+        """Absolute Ray Train storage (a Path, or a URI)."""
         return self.resolve(self.train.storage_path)
 
     @property
@@ -440,6 +448,11 @@ class PlatformConfig:
             return self.tracking.uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
+        if "://" in self.work_dir:
+            raise ConfigError(
+                f"work_dir {self.work_dir} is on object storage, where MLflow's SQLite store cannot live: "
+                "set tracking.uri (or MLFLOW_TRACKING_URI) to your MLflow server or a local sqlite:/// file"
+            )
         return f"sqlite:///{self.resolve('mlflow.db')}"
 
     # ---- plain forms -------------------------------------------------------------------------------
@@ -593,6 +606,9 @@ def load_config(name_or_path: str | None = "demo", overrides: list[str] | None =
         values = _read_yaml_with_base(find_preset(name_or_path))
     apply_overrides(values, overrides or [])
     config = PlatformConfig.from_dict(values)
+    if "://" in config.work_dir:  # object storage (s3://bucket/prefix): shared by every node as it is
+        config.work_dir = config.work_dir.rstrip("/")
+        return config
     if not Path(config.work_dir).expanduser().is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         logging.getLogger(__name__).warning(
             "work_dir %r is relative: under `ray job submit` it lands in the job's temporary copy of the "

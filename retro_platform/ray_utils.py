@@ -31,10 +31,13 @@ DEFAULT_ENV_VARS = {
 def runtime_env_vars() -> dict[str, str]:
     """Environment variables every Ray worker of the platform needs (caller's values win), with the
     driver's choice of output (``retro -v`` or quiet, see ``retro_platform.output``)."""
+    from retro_platform import storage
+
     env = dict(DEFAULT_ENV_VARS)
-    for name in (*DEFAULT_ENV_VARS, "MLFLOW_TRACKING_URI", VERBOSE_ENV, *QUIET_ENV_VARS):
+    for name in (*DEFAULT_ENV_VARS, "MLFLOW_TRACKING_URI", "RETRO_CACHE_DIR", VERBOSE_ENV, *QUIET_ENV_VARS):
         if name in os.environ:
             env[name] = os.environ[name]
+    env.update(storage.aws_env_vars())  # object storage (s3://) credentials and endpoint for every worker
     return env
 
 

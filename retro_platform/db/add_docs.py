@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from retro_platform.config import PlatformConfig
@@ -22,7 +21,7 @@ from retro_platform.db.chunk import (
 )
 from retro_platform.db.corpus import read_documents
 from retro_platform.db.embed import Embedder
-from retro_platform.db.files import file_sha256, save_npy_atomic, write_index_atomic, write_table_atomic
+from retro_platform.db.files import read_index, save_npy_atomic, write_index_atomic, write_table_atomic
 from retro_platform.db.index import fill_index
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import IndexShard, Manifest, SplitShard, validate_database, write_manifest
@@ -71,7 +70,7 @@ def add_documents(config: PlatformConfig, files: list[str], pool: NeighborPool |
         table = chunk_documents(docs, tokenizer, manifest.chunk_len, doc_start, chunk_start)
         # the database's own encoder settings (weights dtype, batch size, stored dtype)
         vectors = Embedder.from_manifest(manifest).encode(table.column("text").to_pylist())
-        trained = faiss.read_index(str(layout.root / manifest.index.trained_file))
+        trained = read_index(layout.path(manifest.index.trained_file))
         index = fill_index(trained, vectors, config.database.index.add_block)
         paths = {
             "chunks": layout.chunks(ADDED, split_shard),
@@ -80,11 +79,13 @@ def add_documents(config: PlatformConfig, files: list[str], pool: NeighborPool |
             "tokens": layout.shard_tokens(index_shard),
             "doc_ids": layout.shard_doc_ids(index_shard),
         }
-        write_table_atomic(table, paths["chunks"])
-        save_npy_atomic(vectors, paths["embeddings"])
-        write_index_atomic(index, paths["index"])
-        save_npy_atomic(tokens_array(table, manifest.chunk_len), paths["tokens"])
-        save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), paths["doc_ids"])
+        checksums = {
+            "chunks": write_table_atomic(table, paths["chunks"]),
+            "embeddings": save_npy_atomic(vectors, paths["embeddings"]),
+            "index": write_index_atomic(index, paths["index"]),
+            "tokens": save_npy_atomic(tokens_array(table, manifest.chunk_len), paths["tokens"]),
+            "doc_ids": save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), paths["doc_ids"]),
+        }
         n = table.num_rows
         shard = SplitShard(
             shard=split_shard,
@@ -96,8 +97,8 @@ def add_documents(config: PlatformConfig, files: list[str], pool: NeighborPool |
         )
         added.append(shard)
         manifest.index.shards.append(IndexShard.of(index_shard, shard))
-        for path in paths.values():
-            manifest.files[layout.relative(path)] = file_sha256(path)
+        for name, path in paths.items():
+            manifest.files[layout.relative(path)] = checksums[name]
         counts = manifest.counts
         counts.documents[ADDED] = counts.documents.get(ADDED, 0) + len(docs)
         counts.chunks[ADDED] = counts.chunks.get(ADDED, 0) + n

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from retro_platform.db.tokenizer import eod_id, pad_id
@@ -71,9 +70,11 @@ def chunk_documents(
     return pa.Table.from_pydict(columns, schema=CHUNK_SCHEMA)
 
 
-def read_chunks(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """Read a chunk-store shard."""
-    return pq.read_table(path, columns=columns)
+def read_chunks(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a chunk-store shard (local path or ``s3://`` URI)."""
+    from retro_platform.db.files import read_table
+
+    return read_table(path, columns)
 
 
 def tokens_array(table: pa.Table, chunk_len: int) -> np.ndarray:

@@ -169,21 +169,17 @@ class ShardEmbedder(Embedder):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Work items -> {out, sha256, rows}."""
-        import pyarrow.parquet as pq
-
-        from retro_platform.db.files import file_sha256, save_npy_atomic
+        from retro_platform.db.files import parquet_file, save_npy_atomic
 
         outs, checksums, rows = [], [], []
         for chunks, out in zip(batch["chunks"], batch["out"], strict=True):
-            file = pq.ParquetFile(str(chunks))
+            file = parquet_file(str(chunks))
             vectors = [
                 self.encode(file.read_row_group(group, columns=["text"]).column("text").to_pylist())
                 for group in range(file.metadata.num_row_groups)
             ]
             array = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), self.out_dtype)
-            if out:
-                save_npy_atomic(array, Path(str(out)))
             outs.append(str(out))
-            checksums.append(file_sha256(str(out)) if out else "")
+            checksums.append(save_npy_atomic(array, str(out)) if out else "")
             rows.append(len(array))
         return {"out": np.asarray(outs), "sha256": np.asarray(checksums), "rows": np.asarray(rows)}

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from retro_platform import storage
+
 SPLITS = ("train", "valid")
 """Document splits of a database."""
 
@@ -36,49 +38,66 @@ FORMAT_VERSION = 1
 """Bumped when the layout changes incompatibly; later stages refuse other versions."""
 
 
+Location = Path | str
+"""Where a database file lives: a Path for a local/NFS database, an ``s3://`` URI string otherwise."""
+
+
 class DatabaseLayout:
-    """Paths of every file of the database rooted at ``root``."""
+    """Locations of every file of the database rooted at ``root`` (a local path or an ``s3://`` URI).
+
+    For a local database every location is an absolute ``Path``; for a remote one a URI string. Read and
+    write them through ``retro_platform.db.files`` / ``retro_platform.storage``, which take both."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
+        self.remote = storage.is_remote(str(root))
+        self.root: Location = str(root).rstrip("/") if self.remote else Path(root).expanduser().resolve()
 
     def __repr__(self) -> str:
         return f"DatabaseLayout({str(self.root)!r})"
 
+    def path(self, relative: str) -> Location:
+        """The location of a file given relative to the root (as the manifest names it)."""
+        return storage.join(self.root, relative) if self.remote else self.root / relative
+
     @property
-    def manifest(self) -> Path:
+    def manifest(self) -> Location:
         """manifest.json."""
-        return self.root / "manifest.json"
+        return self.path("manifest.json")
 
     @property
-    def tokenizer(self) -> Path:
+    def tokenizer(self) -> Location:
         """tokenizer.json."""
-        return self.root / "tokenizer.json"
+        return self.path("tokenizer.json")
 
-    def chunks(self, split: str, shard: int) -> Path:
+    def chunks(self, split: str, shard: int) -> Location:
         """Parquet chunk store of one shard of a split."""
-        return self.root / "chunks" / split / f"shard-{shard:04d}.parquet"
+        return self.path(f"chunks/{split}/shard-{shard:04d}.parquet")
 
-    def embeddings(self, split: str, shard: int) -> Path:
+    def embeddings(self, split: str, shard: int) -> Location:
         """Embeddings (.npy) of one shard of a split, row-aligned with its chunk store."""
-        return self.root / "embeddings" / split / f"shard-{shard:04d}.npy"
+        return self.path(f"embeddings/{split}/shard-{shard:04d}.npy")
 
-    def index(self, shard: int) -> Path:
+    def index(self, shard: int) -> Location:
         """FAISS index of one index shard."""
-        return self.root / "index" / f"shard-{shard:04d}.faiss"
+        return self.path(f"index/shard-{shard:04d}.faiss")
 
-    def shard_tokens(self, shard: int) -> Path:
+    def shard_tokens(self, shard: int) -> Location:
         """Memory-mappable chunk tokens of one index shard."""
-        return self.root / "index" / f"shard-{shard:04d}.tokens.npy"
+        return self.path(f"index/shard-{shard:04d}.tokens.npy")
 
-    def shard_doc_ids(self, shard: int) -> Path:
+    def shard_doc_ids(self, shard: int) -> Location:
         """doc_id of every chunk of one index shard."""
-        return self.root / "index" / f"shard-{shard:04d}.doc_ids.npy"
+        return self.path(f"index/shard-{shard:04d}.doc_ids.npy")
 
-    def neighbors(self, split: str) -> Path:
+    def neighbors(self, split: str) -> Location:
         """Precomputed neighbour table of a split."""
-        return self.root / "neighbors" / f"{split}.parquet"
+        return self.path(f"neighbors/{split}.parquet")
 
-    def relative(self, path: Path) -> str:
-        """Path relative to the database root (the form stored in the manifest)."""
-        return str(Path(path).resolve().relative_to(self.root))
+    def relative(self, location: Location) -> str:
+        """Location relative to the database root (the form stored in the manifest)."""
+        if self.remote:
+            text = str(location)
+            if not text.startswith(self.root + "/"):
+                raise ValueError(f"{text} is not inside the database {self.root}")
+            return text[len(self.root) + 1 :]
+        return str(Path(location).resolve().relative_to(self.root))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retro_platform import storage
 from retro_platform.db.files import file_sha256, write_json_atomic
 from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
 from retro_platform.errors import DatabaseError
@@ -185,6 +186,12 @@ class FileStat:
     """Modification time (ns since the epoch)."""
     sha256: str
     """The checksum ``files`` held for it then (a manifest whose checksum was changed since is hashed)."""
+    etag: str | None = None
+    """The object's ETag on S3 (Last-Modified has whole seconds there); None for local files."""
+
+    def matches(self, stat: storage.FileStat) -> bool:
+        """Whether a file's current ``storage.file_info`` is the version this records."""
+        return (self.size, self.mtime_ns, self.etag) == (stat.size, stat.mtime_ns or 0, stat.etag)
 
 
 @dataclass
@@ -351,10 +358,10 @@ def write_manifest(layout: DatabaseLayout, manifest: Manifest) -> None:
     of every file of ``manifest.files`` that exists."""
     stats = {}
     for relative in sorted(manifest.files):
-        path = layout.root / relative
-        if path.exists():
-            info = path.stat()
-            stats[relative] = FileStat(info.st_size, info.st_mtime_ns, manifest.files[relative])
+        path = layout.path(relative)
+        if storage.exists(path):
+            info = storage.file_info(path)
+            stats[relative] = FileStat(info.size, info.mtime_ns or 0, manifest.files[relative], info.etag)
     manifest.file_stats = stats
     write_json_atomic(manifest.to_dict(), layout.manifest)
 
@@ -363,14 +370,14 @@ def load_manifest(db_path: str | Path) -> Manifest:
     """Read a database's manifest (complete or partial), refusing a missing, unreadable or malformed one
     with a clear message."""
     layout = DatabaseLayout(db_path)
-    if not layout.root.exists():
-        raise DatabaseError(f"database {layout.root} does not exist; build it with `retro build-db`")
-    if not layout.manifest.exists():
+    if not storage.exists(layout.manifest):
+        if not storage.exists(layout.root) and not storage.list_files(layout.root):
+            raise DatabaseError(f"database {layout.root} does not exist; build it with `retro build-db`")
         raise DatabaseError(
             f"{layout.manifest} is missing: {layout.root} is not a (complete) database; run `retro build-db`"
         )
     try:
-        values = json.loads(layout.manifest.read_text())
+        values = json.loads(storage.read_bytes(layout.manifest).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatabaseError(
             f"{layout.manifest} is corrupt ({exc}); run `retro build-db` to repair it"
@@ -425,18 +432,18 @@ def validate_database(
     if check_files:
         stats = manifest.file_stats or {}
         for relative, checksum in manifest.files.items():
-            path = layout.root / relative
-            if not path.exists():
+            path = layout.path(relative)
+            if not storage.exists(path):
                 raise DatabaseError(f"database file {path} is missing; run `retro build-db` to rebuild it")
             recorded = stats.get(relative)
             if check_files == "quick" and recorded is not None and recorded.sha256 == checksum:
-                info = path.stat()
-                if info.st_size != recorded.size:
+                info = storage.file_info(path)
+                if info.size != recorded.size:
                     raise DatabaseError(
-                        f"database file {path} does not match its checksum: it has {info.st_size} bytes, "
+                        f"database file {path} does not match its checksum: it has {info.size} bytes, "
                         f"{recorded.size} were written (truncated or modified); run `retro build-db` to rebuild it"
                     )
-                if info.st_mtime_ns == recorded.mtime_ns:
+                if recorded.matches(info):
                     continue  # unchanged since it was recorded: `retro verify-db` hashes it anyway
             if file_sha256(path) != checksum:
                 raise DatabaseError(

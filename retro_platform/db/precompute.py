@@ -15,7 +15,7 @@ import pyarrow as pa
 import ray
 
 from retro_platform.config import PlatformConfig
-from retro_platform.db.files import file_sha256, write_table_atomic
+from retro_platform.db.files import write_table_atomic
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import Manifest, NeighborTable, validate_database, write_manifest
 from retro_platform.db.store import ChunkStore
@@ -82,9 +82,8 @@ def precompute_neighbors(config: PlatformConfig, pool: NeighborPool | None = Non
             t0 = time.perf_counter()
             table = neighbor_table(config, pool, split, manifest)
             path = layout.neighbors(split)
-            write_table_atomic(table, path)
             relative = layout.relative(path)
-            manifest.files[relative] = file_sha256(path)
+            manifest.files[relative] = write_table_atomic(table, path)
             k = config.model.num_neighbors * config.serve.search_depth
             manifest.neighbors[split] = NeighborTable(file=relative, candidates=k)
             logger.info(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from retro_platform.db.chunk import read_chunks, tokens_array
+from retro_platform.db.files import load_npy
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import Manifest, load_manifest
 
@@ -55,7 +56,7 @@ class ChunkStore:
     def _shard_embeddings(self, i: int) -> np.ndarray:
         if i not in self._embeddings:
             _, _, split, shard = self.shards[i]
-            self._embeddings[i] = np.load(self.layout.embeddings(split, shard), mmap_mode="r")
+            self._embeddings[i] = load_npy(self.layout.embeddings(split, shard))
         return self._embeddings[i]
 
     def _shard_columns(self, i: int) -> dict[str, np.ndarray]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from retro_platform import storage
 from retro_platform.config import TokenizerConfig
-from retro_platform.db.files import atomic_path
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.errors import DatabaseError
 
@@ -42,12 +42,11 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
 
 
 def load_tokenizer_file(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json, checking it defines the padding token."""
-    path = Path(path)
-    if not path.exists():
+    """Load a tokenizer.json (local path or ``s3://`` URI), checking it defines the padding token."""
+    if not storage.exists(path):
         raise DatabaseError(f"tokenizer file {path} does not exist")
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_str(storage.read_bytes(path).decode("utf-8"))
     except Exception as exc:  # tokenizers raises a plain Exception for bad JSON
         raise DatabaseError(f"{path} is not a valid tokenizer.json: {exc}") from None
     if tokenizer.token_to_id(PAD) is None:
@@ -60,12 +59,9 @@ def load_tokenizer(db_path: str | Path) -> Tokenizer:
     return load_tokenizer_file(DatabaseLayout(db_path).tokenizer)
 
 
-def save_tokenizer_atomic(tokenizer: Tokenizer, path: str | Path) -> None:
-    """Save a tokenizer.json through a temporary file and rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tokenizer.save(str(tmp))
+def save_tokenizer_atomic(tokenizer: Tokenizer, path: str | Path) -> str:
+    """Save a tokenizer.json atomically (never a half-written file) -> its sha256."""
+    return storage.write_path_atomic(path, lambda tmp: tokenizer.save(str(tmp)), checksum=True).sha256
 
 
 def pad_id(tokenizer: Tokenizer) -> int:

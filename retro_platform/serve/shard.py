@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 import ray
 
+from retro_platform.db.files import load_npy, read_index
 from retro_platform.db.index import set_search_params
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest
@@ -48,12 +49,12 @@ class ShardActor:
         self.shard = shard
         self.chunk_start = info.chunk_start
         self.pad_id = manifest.tokenizer.pad_id
-        self.index = faiss.read_index(str(layout.index(shard)), faiss.IO_FLAG_READ_ONLY)
+        self.index = read_index(layout.index(shard), faiss.IO_FLAG_READ_ONLY)  # node-local copy if remote
         set_search_params(self.index, nprobe, ef_search)
         if ray.get_gpu_ids() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             self.index = faiss.index_cpu_to_all_gpus(self.index)  # GPU actor with a FAISS GPU build
-        self.tokens = np.load(layout.shard_tokens(shard), mmap_mode="r")
-        self.doc_ids = np.load(layout.shard_doc_ids(shard), mmap_mode="r")
+        self.tokens = load_npy(layout.shard_tokens(shard))
+        self.doc_ids = load_npy(layout.shard_doc_ids(shard))
         faiss.omp_set_num_threads(max(1, threads))
         # Batches of 64-256 queries otherwise take a BLAS path that is ~8x slower on small shards
         # (faiss-cpu 1.15.1 defaults to 128000; see benchmarks/pool.py).

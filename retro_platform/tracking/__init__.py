@@ -23,6 +23,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from retro_platform import storage
 from retro_platform.config import PlatformConfig
 from retro_platform.db.manifest import Manifest
 from retro_platform.errors import TrackingError
@@ -87,8 +88,10 @@ def setup(config: PlatformConfig) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         location = None
-        if uri.startswith("sqlite:"):
-            location = (Path(config.work_dir) / "mlartifacts").resolve().as_uri()
+        if uri.startswith("sqlite:"):  # artifacts next to the work: a local folder, or S3 (boto3)
+            work = config.work_dir
+            location = storage.join(work, "mlartifacts") if storage.is_remote(work) else None
+            location = location or (Path(work) / "mlartifacts").resolve().as_uri()
         experiment_id = client.create_experiment(name, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
@@ -129,7 +132,9 @@ def set_tags(tags: dict[str, Any]) -> None:
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    """Log a file or a folder as artifacts of the active run."""
+    """Log a file or a folder (local) or a file on object storage as artifacts of the active run."""
+    if storage.is_remote(str(path)):
+        path = storage.local_copy(str(path))  # MLflow uploads local files
     path = Path(path)
     if path.is_dir():
         mlflow.log_artifacts(str(path), artifact_path=artifact_path)

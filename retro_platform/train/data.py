@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from retro_platform.db.files import read_table
 from retro_platform.db.store import ChunkStore, neighbor_tokens
 from retro_platform.errors import DatabaseError
 from retro_platform.serve.pool import NeighborPool
@@ -128,7 +128,7 @@ class SequenceSource:
                 f"database {self.store.layout.root} has no precomputed neighbours for the {self.split} split; "
                 "run `retro query-neighbors` or set train.neighbor_mode=online"
             )
-        table = pq.read_table(self.store.layout.root / info.file, columns=["chunk_id", "neighbor_ids"])
+        table = read_table(self.store.layout.path(info.file), columns=["chunk_id", "neighbor_ids"])
         width = table.schema.field("neighbor_ids").type.list_size
         flat = table.column("neighbor_ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         self._table = np.asarray(flat, dtype=np.int64).reshape(table.num_rows, width)

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from retro_platform import storage
 from retro_platform.config import PlatformConfig, TokenizerConfig
 from retro_platform.db import chunk as chunking
 from retro_platform.db.build.documents import Bucket, Documents
 from retro_platform.db.build.ledger import Ledger
 from retro_platform.db.build.tasks import build_resources, run_tasks
-from retro_platform.db.files import file_sha256, write_table_atomic
-from retro_platform.db.layout import SPLITS
+from retro_platform.db.files import parquet_file, read_table, write_table_atomic
+from retro_platform.db.layout import SPLITS, Location
 from retro_platform.db.manifest import SplitShard
 from retro_platform.db.tokenizer import load_tokenizer_file, save_tokenizer_atomic, train_tokenizer
 
@@ -34,18 +34,17 @@ def train_tokenizer_on_sample(document_files: list[str], config: TokenizerConfig
     def texts():
         left = config.sample_documents
         for path in document_files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["text"]):
+            for batch in parquet_file(path).iter_batches(batch_size=1024, columns=["text"]):
                 for text in batch.column("text").to_pylist()[:left]:
                     yield text
                     left -= 1
                 if left <= 0:
                     return
 
-    save_tokenizer_atomic(train_tokenizer(texts(), config), out)
-    return file_sha256(out)
+    return save_tokenizer_atomic(train_tokenizer(texts(), config), out)
 
 
-def prepare_tokenizer(config: PlatformConfig, ledger: Ledger, documents: Documents, staging: str) -> Path:
+def prepare_tokenizer(config: PlatformConfig, ledger: Ledger, documents: Documents, staging: str) -> Location:
     """The tokenizer file the build uses: the database's when current, else the configured file, else one
     trained on a sample of the training documents (into the staging folder; the database gets it once
     every input check passed)."""
@@ -55,8 +54,9 @@ def prepare_tokenizer(config: PlatformConfig, ledger: Ledger, documents: Documen
         return layout.tokenizer
     if config.database.tokenizer.path:
         load_tokenizer_file(config.database.tokenizer.path)  # refuses a bad file before anything is written
-        return Path(config.database.tokenizer.path).expanduser()
-    out = str(Path(staging) / "tokenizer.json")
+        path = config.database.tokenizer.path
+        return path if storage.is_remote(path) else Path(path).expanduser()
+    out = storage.join(staging, "tokenizer.json")
     files = [b.path for b in documents.buckets["train"]]
     run_tasks(
         "tokenizer",
@@ -64,14 +64,14 @@ def prepare_tokenizer(config: PlatformConfig, ledger: Ledger, documents: Documen
         [{"document_files": files, "config": config.database.tokenizer, "out": out}],
         build_resources(config),
     )
-    return Path(out)
+    return out
 
 
 def count_bucket(path: str, tokenizer_file: str, chunk_len: int) -> dict[str, int]:
     """Chunks and real tokens of one bucket's documents (one Ray task per bucket)."""
     tokenizer = load_tokenizer_file(tokenizer_file)
     chunks = tokens = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["text"]):
+    for batch in parquet_file(path).iter_batches(batch_size=1024, columns=["text"]):
         for ids in chunking.document_token_ids(batch.column("text").to_pylist(), tokenizer):
             chunks += max(1, -(-len(ids) // chunk_len))
             tokens += len(ids)
@@ -79,7 +79,7 @@ def count_bucket(path: str, tokenizer_file: str, chunk_len: int) -> dict[str, in
 
 
 def plan_shards(
-    config: PlatformConfig, documents: Documents, tokenizer_file: Path
+    config: PlatformConfig, documents: Documents, tokenizer_file: Location
 ) -> tuple[dict[str, list[SplitShard]], int]:
     """Every shard's document and chunk id ranges (train shards first, then valid), from per-bucket
     counts -> (shards of each split, real tokens in the database)."""
@@ -116,7 +116,7 @@ def write_shard(
     documents_file: str, tokenizer_file: str, chunk_len: int, shard: dict[str, Any], out: str, row_group: int
 ) -> str:
     """Cut one bucket's documents into the chunk store of its shard (ids from the plan) -> sha256."""
-    table = pq.read_table(documents_file)
+    table = read_table(documents_file)
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
     docs = [{"id": i, "text": t} for i, t in zip(ids, texts, strict=True)]
     chunks = chunking.chunk_documents(
@@ -124,15 +124,14 @@ def write_shard(
     )
     if chunks.num_rows != shard["chunk_end"] - shard["chunk_start"]:
         raise RuntimeError(f"shard {shard['shard']}: chunk count changed between planning and writing")
-    write_table_atomic(chunks, Path(out), row_group_size=row_group)
-    return file_sha256(out)
+    return write_table_atomic(chunks, out, row_group_size=row_group)
 
 
 def write_chunks(
     config: PlatformConfig,
     ledger: Ledger,
     documents: Documents,
-    tokenizer_file: Path,
+    tokenizer_file: Location,
     plans: dict[str, list[SplitShard]],
 ) -> int:
     """Write every chunk-store shard that is not current (a task per shard) -> chunks written."""

@@ -15,14 +15,13 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
+from retro_platform import storage
 from retro_platform.config import PlatformConfig
 from retro_platform.db.build.tasks import build_resources, run_tasks
 from retro_platform.db.corpus import (
@@ -35,7 +34,7 @@ from retro_platform.db.corpus import (
     piece_line_count,
     stable_split,
 )
-from retro_platform.db.files import write_table_atomic
+from retro_platform.db.files import read_table, write_table_atomic
 from retro_platform.db.layout import SPLITS
 from retro_platform.errors import CorpusError
 
@@ -97,14 +96,14 @@ class Documents:
         return sum(b.n_docs for b in self.buckets[split])
 
 
-def _staged_path(staging: str, split: str, bucket: int, piece: int | None = None) -> Path:
-    folder = Path(staging) / "pieces" / split / f"bucket-{bucket:04d}"
-    return folder if piece is None else folder / f"piece-{piece:06d}.parquet"
+def _staged_path(staging: str, split: str, bucket: int, piece: int | None = None) -> str:
+    folder = storage.join(staging, "pieces", split, f"bucket-{bucket:04d}")
+    return folder if piece is None else storage.join(folder, f"piece-{piece:06d}.parquet")
 
 
-def documents_path(staging: str, split: str, bucket: int) -> Path:
+def documents_path(staging: str, split: str, bucket: int) -> str:
     """The collated documents of one bucket in the staging folder."""
-    return Path(staging) / "documents" / split / f"bucket-{bucket:04d}.parquet"
+    return storage.join(staging, "documents", split, f"bucket-{bucket:04d}.parquet")
 
 
 def map_piece(
@@ -158,10 +157,10 @@ def collate_bucket(staging: str, split: str, bucket: int, cuts: list[int] | None
     ``cuts`` (per piece: how many of its non-empty documents ``max_documents`` keeps; None: all) and write
     them in corpus order -> {n_docs, error, error_at} (error_at orders errors across buckets)."""
     folder = _staged_path(staging, split, bucket)
-    files = sorted(folder.glob("piece-*.parquet")) if folder.exists() else []
+    files = [storage.join(folder, name) for name in storage.list_files(folder) if name.endswith(".parquet")]
     if not files:
         return {"split": split, "bucket": bucket, "n_docs": 0, "error": "", "error_at": []}
-    table = pa.concat_tables([pq.read_table(f, schema=STAGED_SCHEMA) for f in files])
+    table = pa.concat_tables([read_table(f).cast(STAGED_SCHEMA) for f in files])
     order = np.lexsort(
         (table.column("row").to_numpy(), table.column("piece").to_numpy(), table.column("copy").to_numpy())
     )

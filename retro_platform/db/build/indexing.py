@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -20,7 +19,7 @@ from retro_platform.config import PlatformConfig
 from retro_platform.db import chunk as chunking
 from retro_platform.db.build.ledger import Ledger
 from retro_platform.db.build.tasks import build_resources, run_tasks
-from retro_platform.db.files import file_sha256, save_npy_atomic, write_index_atomic
+from retro_platform.db.files import load_npy, read_index, read_table, save_npy_atomic, write_index_atomic
 from retro_platform.db.index import choose_factory, fill_index, min_training_vectors, new_index, train_index
 from retro_platform.db.manifest import IndexInfo, IndexShard, SplitShard
 from retro_platform.errors import DatabaseError
@@ -63,9 +62,8 @@ def train_task(
     for path, n in zip(embedding_files, sizes, strict=True):
         take = min(n, max(1, round(sample * n / total)))
         rows = np.sort(rng.choice(n, size=take, replace=False))
-        parts.append(np.asarray(np.load(path, mmap_mode="r")[rows], dtype=np.float32))
-    write_index_atomic(train_index(factory, np.concatenate(parts), use_gpu=use_gpu), Path(out))
-    return file_sha256(out)
+        parts.append(np.asarray(load_npy(path)[rows], dtype=np.float32))
+    return write_index_atomic(train_index(factory, np.concatenate(parts), use_gpu=use_gpu), out)
 
 
 def fill_task(
@@ -80,14 +78,15 @@ def fill_task(
 ) -> dict[str, str]:
     """One index shard: the trained index filled with the shard's vectors, and its token and doc-id
     arrays -> {output: sha256}."""
-    trained = faiss.read_index(trained_file)
+    trained = read_index(trained_file)
     with _omp_threads(1 if single_thread else None):
-        index = fill_index(trained, np.load(embeddings_file, mmap_mode="r"), add_block, use_gpu)
-    write_index_atomic(index, Path(outs["index"]))
-    table = chunking.read_chunks(Path(chunks_file), ["tokens", "doc_id"])
-    save_npy_atomic(chunking.tokens_array(table, chunk_len), Path(outs["tokens"]))
-    save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), Path(outs["doc_ids"]))
-    return {name: file_sha256(path) for name, path in outs.items()}
+        index = fill_index(trained, load_npy(embeddings_file), add_block, use_gpu)
+    table = read_table(chunks_file, ["tokens", "doc_id"])
+    return {
+        "index": write_index_atomic(index, outs["index"]),
+        "tokens": save_npy_atomic(chunking.tokens_array(table, chunk_len), outs["tokens"]),
+        "doc_ids": save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), outs["doc_ids"]),
+    }
 
 
 def build_index(
@@ -99,7 +98,7 @@ def build_index(
     layout = ledger.layout
     sources = index_sources(config, plans)
     n_total = sum(s.num_chunks for s in sources)
-    trained_path = layout.root / "index" / "trained.faiss"
+    trained_path = layout.path("index/trained.faiss")
     emb_paths = [layout.embeddings(s.split, s.shard) for s in sources]
     resources = build_resources(config)
     gpus = 1.0 if index_cfg.use_gpu else 0.0

@@ -14,13 +14,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
-from pathlib import Path
 from typing import Any
 
+from retro_platform import storage
 from retro_platform.config import PlatformConfig
-from retro_platform.db.files import file_sha256
-from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
+from retro_platform.db.files import file_sha256, is_temporary
+from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout, Location
 from retro_platform.db.manifest import Manifest, load_manifest, write_manifest
 from retro_platform.errors import DatabaseError
 
@@ -81,25 +80,22 @@ class Ledger:
         self.fingerprint: dict[str, Any] = {}
         self._sha: dict[str, str | None] = {}
 
-    def rel(self, path: Path) -> str:
-        """Path relative to the database root (the manifest's key)."""
+    def rel(self, path: Location) -> str:
+        """Location relative to the database root (the manifest's key)."""
         return self.layout.relative(path)
 
-    def sha(self, path: Path) -> str | None:
+    def sha(self, path: Location) -> str | None:
         """sha256 of a file as it is now (None when missing): the recorded one while its size and
-        modification time are those recorded with it, else hashed (once per run)."""
+        modification time (and ETag) are those recorded with it, else hashed (once per run)."""
         key = self.rel(path)
         if key not in self._sha:
-            if not path.exists():
+            if not storage.exists(path):
                 self._sha[key] = None
             else:
                 stat = ((self.previous.file_stats or {}) if self.previous else {}).get(key)
-                info = path.stat()
                 recorded = self.files.get(key)
                 vouched = (
-                    stat is not None
-                    and stat.sha256 == recorded
-                    and (stat.size, stat.mtime_ns) == (info.st_size, info.st_mtime_ns)
+                    stat is not None and stat.sha256 == recorded and stat.matches(storage.file_info(path))
                 )
                 self._sha[key] = recorded if vouched else file_sha256(path)
         return self._sha[key]
@@ -108,13 +104,13 @@ class Ledger:
         """Read the previous manifest (complete or partial); refuse a folder built with other settings."""
         self.fingerprint = inputs
         root = self.layout.root
-        if not self.layout.manifest.exists():
-            if root.exists():
-                strays = sorted(p.name for p in root.iterdir() if p.name not in DB_ENTRIES)
-                if [n for n in strays if not n.startswith(".")]:
-                    raise DatabaseError(
-                        f"{root} exists and is not a database (holds {strays[:5]}); choose another database.path"
-                    )
+        if not storage.exists(self.layout.manifest):
+            names = {name.split("/")[0] for name in storage.list_files(root)}
+            strays = sorted(n for n in names if n not in DB_ENTRIES)
+            if strays and [n for n in strays if not n.startswith(".")]:
+                raise DatabaseError(
+                    f"{root} exists and is not a database (holds {strays[:5]}); choose another database.path"
+                )
             return
         try:
             self.previous = load_manifest(root)
@@ -131,7 +127,7 @@ class Ledger:
         self.files = dict(self.previous.files)
         self.inputs = {k: dict(v) for k, v in (self.previous.inputs or {}).items()}
 
-    def is_current(self, path: Path, inputs: list[Path]) -> bool:
+    def is_current(self, path: Location, inputs: list[Location]) -> bool:
         """True when ``path`` matches its recorded checksum and was made from its inputs as they are now."""
         key = self.rel(path)
         actual = self.sha(path)
@@ -139,7 +135,7 @@ class Ledger:
             return False
         return self.inputs.get(key) == {self.rel(p): self.sha(p) for p in inputs}
 
-    def record(self, path: Path, inputs: list[Path], sha256: str | None = None) -> None:
+    def record(self, path: Location, inputs: list[Location], sha256: str | None = None) -> None:
         """Note a freshly written file (with the checksum its writer reported, or hashed here) and what it
         was made from; then save the progress in the partial manifest."""
         key = self.rel(path)
@@ -166,19 +162,22 @@ class Ledger:
             write_manifest(self.layout, dataclasses.replace(self.previous, **progress))
 
     def remove_temporaries(self) -> None:
-        """Delete temporary files an interrupted build left (``.<name>.tmp``)."""
-        if self.layout.root.exists():
-            for tmp in self.layout.root.rglob(".*.tmp"):
-                logger.info("removing %s left by an interrupted build", tmp)
-                tmp.unlink()
+        """Delete temporary files an interrupted build left (local ones; an S3 upload is all or nothing)."""
+        if self.layout.remote or not self.layout.root.exists():
+            return
+        for path in self.layout.root.rglob("*"):
+            if path.is_file() and is_temporary(path.name):
+                logger.info("removing %s left by an interrupted build", path)
+                path.unlink()
 
 
-def staging_folder(layout: DatabaseLayout) -> Path:
+def staging_folder(layout: DatabaseLayout) -> str:
     """Where a build keeps its intermediate files (bucketed documents, a new tokenizer): next to the
     database, never inside it, so bad input refused half-way leaves the database folder untouched."""
-    return layout.root.parent / f".{layout.root.name}.build"
+    root = str(layout.root)
+    return storage.join(storage.parent(root), f".{storage.basename(root)}.build")
 
 
 def remove_staging(layout: DatabaseLayout) -> None:
     """Delete the build's intermediate files."""
-    shutil.rmtree(staging_folder(layout), ignore_errors=True)
+    storage.delete_tree(staging_folder(layout))

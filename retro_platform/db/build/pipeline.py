@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 
 from retro_platform.config import PlatformConfig
@@ -34,7 +33,7 @@ from retro_platform.db.build.ledger import (
     staging_folder,
 )
 from retro_platform.db.embed import encoder_dimension, resolve_encoder_path
-from retro_platform.db.files import atomic_path
+from retro_platform.db.files import copy_file
 from retro_platform.db.layout import FORMAT_VERSION, SPLITS, DatabaseLayout
 from retro_platform.db.manifest import (
     Counts,
@@ -68,9 +67,9 @@ class Build:
     def run(self) -> Manifest:
         """Build, resume or repair the database -> its manifest."""
         staging = staging_folder(self.layout)
-        shutil.rmtree(staging, ignore_errors=True)  # what an interrupted run staged is redone
+        remove_staging(self.layout)  # what an interrupted run staged is redone
         try:
-            return self._run(str(staging))
+            return self._run(staging)
         finally:
             remove_staging(self.layout)
 
@@ -96,9 +95,7 @@ class Build:
         # 2. the stages, each skipping what is current
         ledger.remove_temporaries()
         if tokenizer_file != layout.tokenizer:
-            with atomic_path(layout.tokenizer) as tmp:
-                shutil.copyfile(tokenizer_file, tmp)
-            ledger.record(layout.tokenizer, [])
+            ledger.record(layout.tokenizer, [], copy_file(tokenizer_file, layout.tokenizer))
             logger.info("tokenizer: %d tokens", load_tokenizer_file(layout.tokenizer).get_vocab_size())
         t0 = time.perf_counter()
         rows = write_chunks(self.config, ledger, documents, layout.tokenizer, plans)
@@ -112,7 +109,7 @@ class Build:
         index_info.shards += added_shards
 
         # 3. the manifest: only the files of this database, with their checksums and inputs
-        paths = [layout.tokenizer, layout.root / index_info.trained_file]
+        paths = [layout.tokenizer, layout.path(index_info.trained_file)]
         for split in SPLITS:
             for s in plans[split]:
                 paths += [layout.chunks(split, s.shard), layout.embeddings(split, s.shard)]
@@ -201,7 +198,7 @@ class Build:
                 ledger.rel(p) for p in (layout.index(n), layout.shard_tokens(n), layout.shard_doc_ids(n))
             ]
         for key in files:
-            path = layout.root / key
+            path = layout.path(key)
             if ledger.sha(path) != ledger.files.get(key):
                 raise DatabaseError(
                     f"database file {path} (added by `retro add-docs`) is missing or corrupt and cannot be "
