@@ -1,10 +1,11 @@
 """Autoscaling on one machine: Ray's fake multi-node provider stands in for the cloud of cluster.yaml.
 
 The head runs the real autoscaler (``ray start --head --autoscaling-config``) with node types shaped
-like cluster.yaml's (``cpu_build`` offers the ``build`` resource, ``gpu_train`` offers ``train``, both
-from 0 nodes). A driver asks for a ``build`` task and then a ``train`` task, as the platform's stages do
-(``ray.build_resource`` / ``ray.train_resource`` in config): the autoscaler must start one node of the
-matching type for each, and terminate both once they have been idle past ``idle_timeout_minutes``.
+like cluster.yaml's (``cpu_build`` offers the ``build`` resource, ``gpu_train`` offers ``train``,
+``cpu_serve`` offers ``serve``, all from 0 nodes). A driver asks for a ``build`` task, a ``train`` task
+and a ``serve`` actor, as the platform's stages do (``ray.build_resource`` / ``ray.train_resource`` /
+``ray.serve_resource`` in config): the autoscaler must start one node of the matching type for each, and
+terminate them all once they have been idle past ``idle_timeout_minutes``.
 """
 
 from __future__ import annotations
@@ -34,23 +35,34 @@ DRIVER = textwrap.dedent(
     def train_stage():
         return ray.get_runtime_context().get_node_id()
 
+    @ray.remote(num_cpus=0.5, resources={"serve": 0.01})
+    class ShardStandIn:  # a neighbour shard actor
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    KINDS = ("build", "train", "serve")
+
     def alive_workers():
         return {
-            n["NodeID"]: sorted(k for k in n["Resources"] if k in ("build", "train"))
+            n["NodeID"]: sorted(k for k in n["Resources"] if k in KINDS)
             for n in ray.nodes()
-            if n["Alive"] and ({"build", "train"} & set(n["Resources"]))
+            if n["Alive"] and (set(KINDS) & set(n["Resources"]))
         }
 
     t0 = time.monotonic()
     build_node = ray.get(build_stage.remote(), timeout=120)
     train_node = ray.get(train_stage.remote(), timeout=120)
+    shard = ShardStandIn.remote()
+    serve_node = ray.get(shard.node.remote(), timeout=120)
     scaled_up = alive_workers()
+    ray.kill(shard)  # the pool is shut down: its node becomes idle
     up_s = time.monotonic() - t0
     deadline = time.monotonic() + 120
     while alive_workers() and time.monotonic() < deadline:
         time.sleep(1)
     print("RESULT " + json.dumps({
-        "build_node": build_node, "train_node": train_node, "scaled_up": scaled_up,
+        "build_node": build_node, "train_node": train_node, "serve_node": serve_node,
+        "scaled_up": scaled_up,
         "left_after_idle": alive_workers(), "up_s": up_s, "down_s": time.monotonic() - t0 - up_s,
     }))
     """
@@ -59,7 +71,7 @@ DRIVER = textwrap.dedent(
 
 @pytest.fixture
 def autoscaling_head(tmp_path):
-    """A head with 1 CPU (no build/train resources) and the autoscaler on the fake provider."""
+    """A head with 1 CPU (no build/train/serve resources) and the autoscaler on the fake provider."""
     gcs_port = free_port()
     node_types = {
         "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
@@ -75,10 +87,16 @@ def autoscaling_head(tmp_path):
             "min_workers": 0,
             "max_workers": 1,
         },
+        "cpu_serve": {
+            "resources": {"CPU": 1, "serve": 16},
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": 1,
+        },
     }
     config = {
         "cluster_name": "fake-retro",
-        "max_workers": 2,
+        "max_workers": 3,
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": 0.1,
         "docker": {},
@@ -119,7 +137,7 @@ def autoscaling_head(tmp_path):
         head.stop()
 
 
-def test_build_and_train_stages_scale_their_node_types_up_and_down(autoscaling_head):
+def test_build_train_and_serve_stages_scale_their_node_types_up_and_down(autoscaling_head):
     result = subprocess.run(
         [sys.executable, "-c", DRIVER, autoscaling_head.address],
         capture_output=True,
@@ -134,6 +152,7 @@ def test_build_and_train_stages_scale_their_node_types_up_and_down(autoscaling_h
     # each stage ran on a node the autoscaler started for it, of the type offering its resource
     assert report["scaled_up"].get(report["build_node"]) == ["build"]
     assert report["scaled_up"].get(report["train_node"]) == ["train"]
-    assert report["build_node"] != report["train_node"]
-    # and both were released once idle
+    assert report["scaled_up"].get(report["serve_node"]) == ["serve"]
+    assert len({report["build_node"], report["train_node"], report["serve_node"]}) == 3
+    # and all were released once idle
     assert report["left_after_idle"] == {}, report

@@ -82,7 +82,8 @@ class NeighborPool:
         serve = config.serve
         index_cfg = config.database.index
         threads = max(1, math.ceil(serve.cpus_per_actor))
-        resources = {config.ray.build_resource: 0.01} if config.ray.build_resource else None
+        serve_resource = config.ray.serve_resource or config.ray.build_resource
+        resources = {serve_resource: 0.01} if serve_resource else None
         for shard in manifest.index.shards[self.num_shards :]:
             handles = []
             for replica in range(serve.replicas):
