@@ -56,8 +56,14 @@ def read_checkpoint_metadata(path: str | Path) -> tuple[RetroConfig, dict[str, A
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
+    return config_from_metadata(metadata, str(path))
+
+
+def config_from_metadata(metadata: dict[str, str], source: str) -> tuple[RetroConfig, dict[str, Any]]:
+    """The RetroConfig and extra metadata from a checkpoint's safetensors metadata (``source`` names
+    the file in errors)."""
     if "retro_config" not in metadata:
-        raise ValueError(f"checkpoint {path} has no retro_config metadata: not written by save_checkpoint")
+        raise ValueError(f"checkpoint {source} has no retro_config metadata: not written by save_checkpoint")
     values = json.loads(metadata["retro_config"])
     # fields added after checkpoints were written: those checkpoints used what the field's value names
     values.setdefault("activation", "gelu_tanh")

@@ -10,8 +10,13 @@ load one for a database.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import pickle
+import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +24,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from retro_model.checkpoint import WEIGHTS_FILE, load_model_dir, read_checkpoint_metadata, save_model_dir
+from retro_model.checkpoint import (
+    WEIGHTS_FILE,
+    config_from_metadata,
+    load_model_dir,
+    read_checkpoint_metadata,
+    save_model_dir,
+)
 from retro_model.model import Retro
 from retro_model.retrofit import RetrofitPlan, copy_matching_weights, plan_copy
+from retro_platform import storage as _storage
 from retro_platform.config import PlatformConfig
 from retro_platform.db.manifest import Manifest
 from retro_platform.errors import CheckpointError, DatabaseError
@@ -109,10 +121,24 @@ def model_for_database(config: PlatformConfig, manifest: Manifest) -> PlatformCo
     return dataclasses.replace(config, model=model)
 
 
-def latest_checkpoint(storage: Path | str, name: str) -> Path | None:
-    """The checkpoint with the highest step under ``<storage>/<name>`` (local storage only), if any."""
-    if isinstance(storage, str) and "://" in storage:
-        return None
+def latest_checkpoint(storage: Path | str, name: str) -> Path | str | None:
+    """The checkpoint with the highest step under ``<storage>/<name>``, if any (a URI string on object
+    storage: only the safetensors headers are read)."""
+    if _storage.is_remote(str(storage)):
+        run_dir = _storage.join(str(storage), name)
+        files = set(_storage.list_files(run_dir))
+        found_remote = []
+        for relative in files:
+            folder, _, leaf = relative.rpartition("/")
+            if leaf != WEIGHTS_FILE or f"{folder}/{STATE_FILE}" not in files:
+                continue
+            location = _storage.join(run_dir, relative)
+            try:
+                _, extra = remote_checkpoint_metadata(location)
+            except (ValueError, FileNotFoundError):
+                continue  # a checkpoint being written or deleted
+            found_remote.append((int(extra.get("step", 0)), relative, _storage.join(run_dir, folder)))
+        return max(found_remote)[2] if found_remote else None
     run_dir = Path(storage) / name
     if not run_dir.exists():
         return None
@@ -128,6 +154,36 @@ def latest_checkpoint(storage: Path | str, name: str) -> Path | None:
     return max(found)[2] if found else None
 
 
+def remote_checkpoint_metadata(location: str) -> tuple[Any, dict[str, Any]]:
+    """``read_checkpoint_metadata`` of a checkpoint file on object storage, from its header alone (the
+    safetensors format: 8 bytes of header length, then the JSON header with ``__metadata__``)."""
+    with _storage.open_input(location) as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100 << 20:
+            raise ValueError(f"checkpoint {location} is not a safetensors file")
+        header = json.loads(f.read(length))
+    return config_from_metadata(header.get("__metadata__") or {}, location)
+
+
+def local_checkpoint(checkpoint: Path | str) -> Path:
+    """A checkpoint directory on this node: the directory itself, or a node-local cached copy of one on
+    object storage (files fetched once per version, see ``storage.local_copy``)."""
+    text = str(checkpoint)
+    if not _storage.is_remote(text):
+        return Path(checkpoint)
+    target = Path(_storage.cache_root()) / "checkpoints" / hashlib.sha256(text.encode()).hexdigest()[:24]
+    for relative in _storage.list_files(text):
+        source = _storage.local_copy(_storage.join(text, relative))
+        destination = target / relative
+        if destination.exists() and destination.stat().st_size == source.stat().st_size:
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, destination)
+    return target
+
+
 def other_tokenizer(extra: dict[str, Any], manifest: Manifest) -> bool:
     """True when a checkpoint's metadata ``extra`` records a tokenizer other than the database's
     (checkpoints without the record are taken as matching)."""
@@ -135,15 +191,18 @@ def other_tokenizer(extra: dict[str, Any], manifest: Manifest) -> bool:
     return bool(sha) and sha != manifest.tokenizer.sha256
 
 
-def check_resumable(config: PlatformConfig, checkpoint: Path, manifest: Manifest) -> dict[str, Any]:
+def check_resumable(config: PlatformConfig, checkpoint: Path | str, manifest: Manifest) -> dict[str, Any]:
     """Refuse to resume a checkpoint of another model or tokenizer -> its metadata."""
-    model_cfg, extra = read_checkpoint_metadata(checkpoint / WEIGHTS_FILE)
+    if _storage.is_remote(str(checkpoint)):
+        model_cfg, extra = remote_checkpoint_metadata(_storage.join(str(checkpoint), WEIGHTS_FILE))
+    else:
+        model_cfg, extra = read_checkpoint_metadata(Path(checkpoint) / WEIGHTS_FILE)
     if model_cfg != config.model:
         mine, theirs = config.model.to_dict(), model_cfg.to_dict()
         diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
         raise CheckpointError(
             f"train.name={config.train.name!r} already has a checkpoint ({checkpoint}) of a different model "
-            f"(checkpoint vs config: {diff}); use a new train.name, or delete {checkpoint.parent} to start over"
+            f"(checkpoint vs config: {diff}); use a new train.name, or delete {_storage.parent(str(checkpoint))} to start over"
         )
     if other_tokenizer(extra, manifest):
         raise CheckpointError(
@@ -250,17 +309,17 @@ def check_init_from(config: PlatformConfig, checkpoint: Path, manifest: Manifest
 def resolve_checkpoint(config: PlatformConfig, checkpoint: str | Path | None) -> Path:
     """An explicit checkpoint directory, or the newest one of the run ``train.name``."""
     if checkpoint:
-        path = Path(checkpoint).expanduser()
-        if not path.exists():
+        path = str(checkpoint) if _storage.is_remote(str(checkpoint)) else Path(checkpoint).expanduser()
+        if not _storage.exists(path) and not _storage.list_files(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
-        return path
+        return local_checkpoint(path)
     found = latest_checkpoint(config.storage_path, config.train.name)
     if found is None:
         raise CheckpointError(
             f"no checkpoint of run {config.train.name!r} under {config.storage_path}; "
             "train first, set train.name, or pass --checkpoint DIR"
         )
-    return found
+    return local_checkpoint(found)
 
 
 def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: Manifest):

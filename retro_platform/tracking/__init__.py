@@ -269,7 +269,7 @@ def log_retro_model(checkpoint_dir: str | Path, tokenizer: str | Path) -> str:
             requirements.append(package)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy2(Path(checkpoint_dir) / WEIGHTS_FILE, Path(tmp) / WEIGHTS_FILE)
-        shutil.copy2(tokenizer, Path(tmp) / "tokenizer.json")
+        shutil.copy2(storage.local_copy(str(tokenizer)), Path(tmp) / "tokenizer.json")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=str(_PYFUNC_CODE),

@@ -21,7 +21,6 @@ tensors into the new model (``retro_model.retrofit``). Resuming the same ``train
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from retro_platform.checkpoints import (
     model_for_database,
 )
 from retro_platform.config import PlatformConfig
+from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database
 from retro_platform.errors import CheckpointError
 from retro_platform.output import ray_train_log_level
@@ -143,8 +143,9 @@ def run_training(
             if result.checkpoint is None:
                 raise CheckpointError(f"training run {config.train.name!r} ended without a checkpoint")
             with result.checkpoint.as_directory() as directory:
-                tracking.log_checkpoint(directory, Path(config.db_path) / "tokenizer.json")
-                model_uri = tracking.log_retro_model(directory, Path(config.db_path) / "tokenizer.json")
+                tokenizer = DatabaseLayout(config.db_path).tokenizer
+                tracking.log_checkpoint(directory, tokenizer)
+                model_uri = tracking.log_retro_model(directory, tokenizer)
             logger.info("run %s: checkpoint %s, model %s", run.info.run_id, result.checkpoint.path, model_uri)
             return {
                 "run_id": run.info.run_id,

@@ -18,13 +18,19 @@ import numpy as np
 from retro_platform.config import PlatformConfig
 from retro_platform.db import chunk as chunking
 from retro_platform.db.build.ledger import Ledger
-from retro_platform.db.build.tasks import build_resources, run_tasks
+from retro_platform.db.build.tasks import build_resources, embed_resources, run_tasks
 from retro_platform.db.files import load_npy, read_index, read_table, save_npy_atomic, write_index_atomic
 from retro_platform.db.index import choose_factory, fill_index, min_training_vectors, new_index, train_index
 from retro_platform.db.manifest import IndexInfo, IndexShard, SplitShard
 from retro_platform.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
+
+
+def index_resources(config: PlatformConfig) -> dict[str, float] | None:
+    """What the index tasks ask for besides CPUs: with ``database.index.use_gpu`` they need a GPU, so they
+    go where the GPU encoder actors go (``ray.embed_resource``); else to the build's nodes."""
+    return embed_resources(config) if config.database.index.use_gpu else build_resources(config)
 
 
 def index_sources(config: PlatformConfig, plans: dict[str, list[SplitShard]]) -> list[SplitShard]:
@@ -100,7 +106,7 @@ def build_index(
     n_total = sum(s.num_chunks for s in sources)
     trained_path = layout.path("index/trained.faiss")
     emb_paths = [layout.embeddings(s.split, s.shard) for s in sources]
-    resources = build_resources(config)
+    resources = index_resources(config)
     gpus = 1.0 if index_cfg.use_gpu else 0.0
     t0 = time.perf_counter()
     if not ledger.is_current(trained_path, emb_paths):

@@ -1,0 +1,88 @@
+"""The debug pipeline on object storage: build -> train -> eval -> add-docs -> generate with every output
+in an ``s3://`` bucket of a real S3-compatible server (moto's standalone server on 127.0.0.1).
+
+Each step is the `retro` command a user runs, with ``work_dir=s3://<bucket>/work`` and its own local Ray
+(so its workers get the AWS variables through the platform's runtime env, as on a cluster). Only the
+MLflow tracking metadata (a SQLite file: MLflow cannot keep it on S3; on a cluster it is the MLflow
+server) and the node-local cache (``RETRO_CACHE_DIR``) may be written locally.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retro_platform import storage
+from retro_platform.db.manifest import validate_database
+
+RETRO = str(Path(sys.executable).with_name("retro"))
+NEW_DOCUMENT = (
+    '{"id": "zorblax", "text": "The Zorblax engine was invented in 2031 by the engineer Mira Tal to power '
+    'orbital greenhouses."}\n'
+)
+
+
+@pytest.mark.slow
+def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(s3_server, s3_bucket, tmp_path):
+    work = f"{s3_bucket}/work"
+    local = tmp_path / "local"
+    local.mkdir()
+    documents = tmp_path / "inputs" / "new.jsonl"
+    documents.parent.mkdir()
+    documents.write_text(NEW_DOCUMENT)
+    env = {
+        **os.environ,
+        **s3_server.env(),
+        "RETRO_CACHE_DIR": str(local / "cache"),
+        "RAY_ADDRESS": "",  # each command starts its own local Ray, as on a newcomer's machine
+    }
+    settings = [
+        "--config",
+        "debug",
+        "--set",
+        f"work_dir={work}",
+        "--set",
+        f"tracking.uri=sqlite:///{local / 'mlflow.db'}",
+        "--set",
+        "ray.include_dashboard=false",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.eval_every=3",
+        "--set",
+        "train.checkpoint_every=3",
+    ]
+    outputs = {}
+    for step in (
+        ["build-db"],
+        ["train"],
+        ["eval"],
+        ["add-docs", str(documents)],
+        ["generate", "--prompt", "The Zorblax engine"],
+    ):
+        result = subprocess.run(
+            [RETRO, *step, *settings], env=env, cwd=local, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, f"retro {step[0]}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        outputs[step[0]] = result.stdout
+
+    # everything the pipeline made is in the bucket
+    names = storage.list_files(work)
+    for expected in ("db/manifest.json", "db/tokenizer.json", "db/index/trained.faiss"):
+        assert expected in names
+    assert any(n.startswith("db/chunks/added/") for n in names)  # add-docs wrote its shard there
+    assert any(n.endswith("/model.safetensors") and "/checkpoint_" in n for n in names)  # Ray Train
+    assert any(n.startswith("mlartifacts/") and n.endswith("model.safetensors") for n in names)  # MLflow
+    manifest = validate_database(f"{work}/db", check_files="full")
+    assert manifest.counts.documents["added"] == 1
+    # the new document is retrieved for its own opening, straight from the S3 database
+    assert "0.5" in outputs["generate"] or "0.6" in outputs["generate"] or "0.7" in outputs["generate"]
+    assert "The Zorblax engine was invented in 2031" in outputs["generate"]
+    # locally: the inputs, the tracking metadata and the node-local cache, nothing else
+    written = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert [p for p in written if not p.startswith("cache/")] == ["mlflow.db"], written
+    assert any(p.startswith("cache/") for p in written)  # FAISS shards and arrays read through the cache
