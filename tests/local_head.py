@@ -77,6 +77,10 @@ class LocalHead:
         # clients in this process send it only when the mode is set explicitly.
         os.environ["RAY_AUTH_MODE"] = "token"
         full_env["RAY_AUTH_MODE"] = "token"
+        # Ray read the mode when it was imported (conftest imports ray.data first): make it read it again
+        from ray._private.authentication_test_utils import reset_auth_token_state
+
+        reset_auth_token_state()
         full_env.update(env or {})
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
