@@ -306,20 +306,26 @@ def check_init_from(config: PlatformConfig, checkpoint: Path, manifest: Manifest
     return plan
 
 
-def resolve_checkpoint(config: PlatformConfig, checkpoint: str | Path | None) -> Path:
-    """An explicit checkpoint directory, or the newest one of the run ``train.name``."""
+def find_checkpoint(config: PlatformConfig, checkpoint: str | Path | None) -> Path | str:
+    """Where a checkpoint is (a local directory or a URI): an explicit one, or the newest one of the run
+    ``train.name``; nothing is downloaded."""
     if checkpoint:
         path = str(checkpoint) if _storage.is_remote(str(checkpoint)) else Path(checkpoint).expanduser()
         if not _storage.exists(path) and not _storage.list_files(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
-        return local_checkpoint(path)
+        return path
     found = latest_checkpoint(config.storage_path, config.train.name)
     if found is None:
         raise CheckpointError(
             f"no checkpoint of run {config.train.name!r} under {config.storage_path}; "
             "train first, set train.name, or pass --checkpoint DIR"
         )
-    return local_checkpoint(found)
+    return found
+
+
+def resolve_checkpoint(config: PlatformConfig, checkpoint: str | Path | None) -> Path:
+    """``find_checkpoint``, as a directory on this node (a cached copy of one on object storage)."""
+    return local_checkpoint(find_checkpoint(config, checkpoint))
 
 
 def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: Manifest):

@@ -52,7 +52,9 @@ def _gpus(node_type: dict) -> float:
 def _requests(config) -> list[tuple[str, str | None, bool]]:
     """(what, custom resource, needs a GPU) for every kind of task/actor the stages of a config start,
     as the platform asks for them (db/build/tasks.py, db/build/indexing.py, serve/pool.py, train/trainer.py)."""
+    from retro_platform.db.build.indexing import index_resources
     from retro_platform.db.build.tasks import build_resources, embed_resources
+    from retro_platform.evaluate import evaluation_task_options
 
     def name(resources: dict[str, float] | None) -> str | None:
         return next(iter(resources)) if resources else None
@@ -61,7 +63,13 @@ def _requests(config) -> list[tuple[str, str | None, bool]]:
     return [
         ("build tasks", name(build_resources(config)), False),
         ("encoder actors", name(embed_resources(config)), config.database.embed.gpus_per_actor > 0),
+        ("index tasks", name(index_resources(config)), config.database.index.use_gpu),
         ("training workers", ray_cfg.train_resource, config.train.use_gpu),
+        (
+            "the evaluation task",
+            name(evaluation_task_options(config).get("resources")),
+            evaluation_task_options(config)["num_gpus"] > 0,
+        ),
         (
             "neighbour actors",
             ray_cfg.serve_resource or ray_cfg.build_resource,
@@ -97,17 +105,6 @@ def test_every_stage_of_a_preset_has_a_node_type_of_cluster_yaml(preset):
     """A request no worker type can satisfy never starts a node: the stage would hang (as GPU encoder
     actors asking for `build`, offered only by CPU nodes, once did)."""
     assert _missing(preset, _requests(load_config(preset))) == []
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_index_tasks_of_a_preset_have_a_node_type_of_cluster_yaml(preset):
-    """GPU index tasks once asked for a GPU plus ``build``, which the CPU build nodes never offer."""
-    config = load_config(preset)
-    from retro_platform.db.build.indexing import index_resources
-
-    resources = index_resources(config)
-    request = ("index tasks", next(iter(resources)) if resources else None, config.database.index.use_gpu)
-    assert _missing(preset, [request]) == []
 
 
 def test_gpu_preset_work_dir_is_on_the_shared_mount():
