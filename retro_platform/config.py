@@ -210,8 +210,9 @@ class DatabaseConfig:
     """Database folder (relative paths are resolved against the work directory)."""
     chunk_len: int = 64
     """Tokens per chunk m; must equal the model's chunk_len."""
-    num_shards: int = 2
-    """Shards of the training split (contiguous ranges of documents); one index file and actor each."""
+    num_shards: int | None = 2
+    """Shards of the training split (one index file and neighbour actor each); null: as many as
+    ``serve.memory_gb_per_actor`` needs for the estimated chunks (``db/build/sizing.py``)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """Document source."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -223,7 +224,7 @@ class DatabaseConfig:
 
     def __post_init__(self) -> None:
         _check(self.chunk_len >= 1, "database.chunk_len", "must be >= 1")
-        _check(self.num_shards >= 1, "database.num_shards", "must be >= 1")
+        _check(self.num_shards is None or self.num_shards >= 1, "database.num_shards", "must be >= 1 or null")
 
 
 @dataclass
@@ -244,9 +245,16 @@ class ServeConfig:
     """Times Ray restarts a dead shard actor (-1: forever)."""
     name: str = "retro-neighbors"
     """Name prefix of the shard actors (for lookup from other processes)."""
+    mmap_index: bool = False
+    """Memory-map each shard's FAISS index (``faiss.IO_FLAG_MMAP``) instead of reading it into the actor:
+    the page cache holds it, shared by the replicas of a node and paged in as queries touch it."""
+    memory_gb_per_actor: float = 8.0
+    """Memory budget of one shard actor: with ``database.num_shards: null`` the build makes as many
+    shards as the index, tokens and doc ids of the estimated chunks need at this budget."""
 
     def __post_init__(self) -> None:
         _check(self.replicas >= 1, "serve.replicas", "must be >= 1")
+        _check(self.memory_gb_per_actor > 0, "serve.memory_gb_per_actor", "must be > 0")
         _check(self.search_depth >= 1, "serve.search_depth", "must be >= 1")
         _check(self.max_retries >= 0, "serve.max_retries", "must be >= 0")
         _check(self.cpus_per_actor >= 0, "serve.cpus_per_actor", "must be >= 0")

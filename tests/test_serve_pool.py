@@ -152,3 +152,31 @@ def test_approximate_index_reports_recall_and_is_exact_when_it_searches_every_li
     # rounding, may order two chunk ids differently, so ids are not compared here)
     np.testing.assert_allclose(scores[16], np.take_along_axis(brute, true, axis=1), rtol=0, atol=1e-5)
     assert recalls[1] < 1.0  # one list of 16 misses neighbours: the index really is approximate
+
+
+def test_memory_mapped_shards_answer_exactly_as_loaded_ones(pool, debug_db):
+    config, manifest = debug_db
+    mapped_config = debug_config(config.work_dir, "serve.mmap_index=true")
+    mapped = NeighborPool.start(mapped_config, manifest)
+    try:
+        queries = valid_queries(config, manifest)
+        expected, got = pool.search(queries, k=4), mapped.search(queries, k=4)
+        np.testing.assert_array_equal(got.chunk_ids, expected.chunk_ids)
+        np.testing.assert_array_equal(got.scores, expected.scores)
+        np.testing.assert_array_equal(got.tokens, expected.tokens)
+    finally:
+        mapped.shutdown()
+
+
+def test_shard_count_follows_the_corpus_size_and_the_actor_memory_budget(tmp_path):
+    from retro_platform.db.build.sizing import BYTES_PER_TOKEN, derived_num_shards
+
+    small = debug_config(tmp_path, "database.num_shards=null", "serve.memory_gb_per_actor=1")
+    large = debug_config(tmp_path, "database.num_shards=null", "serve.memory_gb_per_actor=4")
+    chunk_bytes = small.database.chunk_len * BYTES_PER_TOKEN  # corpus bytes per chunk, as estimated
+    assert derived_num_shards(small, int(1000 * chunk_bytes), 384) == 1
+    # Flat index (the debug preset): 1536 B of codes + 256 B tokens + 8 B doc id per chunk, 80% of 1 GiB
+    per_actor = int(0.8 * 1024**3 / (1536 + 256 + 8))
+    assert derived_num_shards(small, int(per_actor * chunk_bytes * 0.99), 384) == 1
+    assert derived_num_shards(small, int(per_actor * chunk_bytes * 10.5), 384) == 11
+    assert derived_num_shards(large, int(per_actor * chunk_bytes * 10.5), 384) == 3  # 4x the budget

@@ -93,7 +93,7 @@ class NeighborPool:
                         # or efSearch never attaches to actors that search differently
                         name=(
                             f"{serve.name}-{manifest.db_id}-{shard.shard}-{replica}"
-                            f"-p{index_cfg.nprobe}-e{index_cfg.ef_search}"
+                            f"-p{index_cfg.nprobe}-e{index_cfg.ef_search}{'-mmap' if serve.mmap_index else ''}"
                         ),
                         namespace=config.ray.namespace,
                         get_if_exists=True,
@@ -110,6 +110,7 @@ class NeighborPool:
                         index_cfg.ef_search,
                         index_cfg.blas_threshold,
                         threads,
+                        serve.mmap_index,
                     )
                 )
             self.replicas.append(handles)

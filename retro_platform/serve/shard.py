@@ -38,6 +38,7 @@ class ShardActor:
         ef_search: int = 64,
         blas_threshold: int = 16,
         threads: int = 1,
+        mmap_index: bool = False,
     ):
         layout = DatabaseLayout(db_path)
         manifest = load_manifest(db_path)
@@ -49,7 +50,8 @@ class ShardActor:
         self.shard = shard
         self.chunk_start = info.chunk_start
         self.pad_id = manifest.tokenizer.pad_id
-        self.index = read_index(layout.index(shard), faiss.IO_FLAG_READ_ONLY)  # node-local copy if remote
+        flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP if mmap_index else 0)
+        self.index = read_index(layout.index(shard), flags)  # a node-local copy when the database is remote
         set_search_params(self.index, nprobe, ef_search)
         if ray.get_gpu_ids() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             self.index = faiss.index_cpu_to_all_gpus(self.index)  # GPU actor with a FAISS GPU build

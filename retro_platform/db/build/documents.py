@@ -23,6 +23,7 @@ import ray
 
 from retro_platform import storage
 from retro_platform.config import PlatformConfig
+from retro_platform.db.build.sizing import corpus_bytes, derived_num_shards
 from retro_platform.db.build.tasks import build_resources, run_tasks
 from retro_platform.db.corpus import (
     MIRROR_SUFFIX,
@@ -34,6 +35,7 @@ from retro_platform.db.corpus import (
     piece_line_count,
     stable_split,
 )
+from retro_platform.db.embed import encoder_dimension
 from retro_platform.db.files import read_table, write_table_atomic
 from retro_platform.db.layout import SPLITS
 from retro_platform.errors import CorpusError
@@ -59,9 +61,16 @@ DOCUMENT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("title
 """A bucket's documents, in corpus order (originals, then mirror copies)."""
 
 
-def bucket_counts(config: PlatformConfig) -> dict[str, int]:
-    """Buckets (= chunk-store shards) of each split: ``num_shards`` for train, a quarter of it for valid."""
+def bucket_counts(config: PlatformConfig, pieces: list[Piece]) -> dict[str, int]:
+    """Buckets (= chunk-store shards) of each split: ``num_shards`` (or, when null, what the actors'
+    memory budget needs for this corpus) for train, a quarter of it for valid."""
     shards = config.database.num_shards
+    if shards is None:
+        dim = encoder_dimension(config.database.embed.model)
+        shards = derived_num_shards(config, corpus_bytes(pieces), dim)
+        logger.info(
+            "database.num_shards: %d (serve.memory_gb_per_actor=%s)", shards, config.serve.memory_gb_per_actor
+        )
     return {"train": shards, "valid": max(1, math.ceil(shards / 4))}
 
 
@@ -192,18 +201,21 @@ def collate_bucket(staging: str, split: str, bucket: int, cuts: list[int] | None
     return {"split": split, "bucket": bucket, "n_docs": kept.num_rows, "error": "", "error_at": []}
 
 
-def stage_documents(config: PlatformConfig, staging: str) -> Documents:
+def stage_documents(config: PlatformConfig, staging: str, pieces: list[Piece] | None = None) -> Documents:
     """Read, validate, split and bucket the corpus into ``staging`` -> the buckets and counts; raises
-    CorpusError (first bad piece in corpus order) before the database folder is touched."""
+    CorpusError (first bad piece in corpus order) before the database folder is touched. ``pieces``
+    (numbered 0, 1, ...) replaces the pieces of ``database.corpus.source`` (`retro add-docs`: its files)."""
     corpus = config.database.corpus
     resources = build_resources(config)
-    pieces = corpus_pieces(corpus.source, int(corpus.piece_mb * 1024**2))
-    if len(pieces) > 1 and pieces[0].kind == "jsonl":  # per-piece line counts, then offsets
+    if pieces is None:
+        pieces = corpus_pieces(corpus.source, int(corpus.piece_mb * 1024**2))
+    if any(p.kind == "jsonl" and p.start > 0 for p in pieces):  # a JSON Lines file in several pieces:
+        # per-piece line counts, then offsets
         counts = run_tasks(
             "corpus.lines", piece_line_count, [{"piece": p} for p in pieces], resources, num_cpus=0.5
         )
         pieces = number_lines(pieces, counts)
-    buckets = bucket_counts(config)
+    buckets = bucket_counts(config, pieces)
 
     def parse(row: dict[str, Any]) -> dict[str, Any]:
         return map_piece(pieces[row["piece"]], staging, buckets, corpus.valid_fraction, corpus.mirror)

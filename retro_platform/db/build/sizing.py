@@ -1,0 +1,77 @@
+"""How many shards a database gets when ``database.num_shards`` is null: as many as the neighbour actors'
+memory budget (``serve.memory_gb_per_actor``) needs for the index codes, tokens and doc ids of the
+chunks the corpus will give.
+
+The chunk count is estimated before anything is read, from the corpus's size (the reader pieces' bytes
+over ``BYTES_PER_TOKEN`` bytes per token): documents are bucketed into shards by their first task, so
+the count must be known then. The estimate errs high (markup and JSON keys count as text), which gives
+more, smaller shards, never an actor over its budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+
+from retro_platform.config import PlatformConfig
+from retro_platform.db.corpus import Piece
+from retro_platform.db.index import choose_factory
+
+BYTES_PER_TOKEN = 4.0
+"""Corpus bytes per token of a byte-level BPE on English text (an estimate; ~4.3 on the packaged
+Wikipedia summaries with the 8k vocabulary)."""
+
+HEADROOM = 0.8
+"""Share of an actor's budget its shard may fill (the rest: Python, FAISS search buffers, results)."""
+
+
+def corpus_bytes(pieces: list[Piece]) -> int:
+    """Bytes of text the pieces hold (file sizes; a Parquet piece's uncompressed row-group bytes)."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    total = 0
+    for piece in pieces:
+        if piece.kind == "parquet":
+            meta = pq.ParquetFile(piece.paths[0]).metadata
+            total += sum(meta.row_group(g).total_byte_size for g in range(piece.start, piece.end))
+        elif piece.kind == "jsonl":
+            end = piece.end if piece.end >= 0 else os.path.getsize(piece.paths[0])
+            total += end - piece.start
+        else:
+            total += sum(os.path.getsize(p) for p in piece.paths)
+    return total
+
+
+def code_bytes(index: faiss.Index) -> float:
+    """Bytes one vector costs in an index of this type (codes, ids, graph links)."""
+    typed = faiss.downcast_index(index)  # a view: ``index`` must stay referenced while it is used
+    return _code_bytes(typed)
+
+
+def _code_bytes(index: faiss.Index) -> float:
+    if isinstance(index, faiss.IndexRefine):
+        return code_bytes(index.base_index) + code_bytes(index.refine_index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return code_bytes(index.index)
+    if isinstance(index, faiss.IndexHNSW):
+        return code_bytes(index.storage) + 4 * index.hnsw.nb_neighbors(0) * 1.1  # level 0 + upper levels
+    if isinstance(index, faiss.IndexIVF):
+        return index.code_size + 8  # codes and int64 ids in the inverted lists
+    return getattr(index, "code_size", 4 * index.d)  # flat, SQ and PQ codes
+
+
+def derived_num_shards(config: PlatformConfig, text_bytes: int, dim: int) -> int:
+    """Train shards for ``text_bytes`` of corpus when ``database.num_shards`` is null."""
+    db = config.database
+    chunks = max(1, math.ceil(text_bytes / (db.chunk_len * BYTES_PER_TOKEN)))
+    factory = db.index.factory
+    if factory == "auto":
+        factory = choose_factory(chunks, dim, db.index.memory_budget_gb, db.index.train_sample)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    per_chunk = code_bytes(index)
+    per_chunk += db.chunk_len * 4 + 8  # the shard's tokens (int32) and doc ids (int64)
+    budget = config.serve.memory_gb_per_actor * 1024**3 * HEADROOM
+    return max(1, math.ceil(chunks * per_chunk / budget))
