@@ -95,7 +95,7 @@ def init_from_checkpoint(model: Retro, directory: str | Path) -> RetrofitPlan:
     Retrieval tensors the checkpoint lacks (a decoder-only baseline's) keep their initialisation.
     CheckpointError when the checkpoint does not fit (the driver checks this before training starts).
     """
-    path = Path(directory) / WEIGHTS_FILE
+    path = local_checkpoint(directory) / WEIGHTS_FILE
     try:
         return copy_matching_weights(model, load_file(str(path), device="cpu"))
     except (ValueError, OSError) as exc:
@@ -234,10 +234,23 @@ DECODER_SETTINGS = (
 """RetroConfig fields that shape or change the decoder a ``train.init_from`` checkpoint provides."""
 
 
-def find_init_checkpoint(config: PlatformConfig) -> Path:
+def find_init_checkpoint(config: PlatformConfig) -> Path | str:
     """The checkpoint directory ``train.init_from`` names: a directory holding model.safetensors, or a
-    run directory (``<storage_path>/<name>``: its newest checkpoint). Relative paths are under work_dir."""
+    run directory (``<storage_path>/<name>``: its newest checkpoint). Relative paths are under work_dir;
+    either may be on object storage (``s3://``)."""
     path = config.resolve(config.train.init_from)
+    if _storage.is_remote(str(path)):
+        setting = f"train.init_from={config.train.init_from!r}"
+        names = _storage.list_files(path)
+        if WEIGHTS_FILE in names:
+            return path
+        newest = latest_checkpoint(_storage.parent(path), _storage.basename(path))
+        if newest is None or _storage.parent(newest) != path:
+            raise CheckpointError(
+                f"{setting}: {path} holds no checkpoint of its own; set train.init_from to a checkpoint "
+                "directory (one holding model.safetensors) or to a run directory <storage_path>/<train.name>"
+            )
+        return newest
     fix = (
         "set train.init_from to a checkpoint directory (one holding model.safetensors, e.g. "
         "<storage_path>/<baseline train.name>/checkpoint_*) or to a run directory <storage_path>/<train.name>"
@@ -259,7 +272,7 @@ def find_init_checkpoint(config: PlatformConfig) -> Path:
     return newest
 
 
-def check_init_from(config: PlatformConfig, checkpoint: Path, manifest: Manifest) -> RetrofitPlan:
+def check_init_from(config: PlatformConfig, checkpoint: Path | str, manifest: Manifest) -> RetrofitPlan:
     """Refuse a ``train.init_from`` checkpoint that cannot start this model -> what will be copied.
 
     Refused (CheckpointError naming what to change): an unreadable checkpoint, another tokenizer than the
@@ -267,7 +280,7 @@ def check_init_from(config: PlatformConfig, checkpoint: Path, manifest: Manifest
     change no shape but the computation (e.g. model.activation) only get a warning. Reads the safetensors
     header only: no weights are loaded.
     """
-    weights = checkpoint / WEIGHTS_FILE
+    weights = local_checkpoint(checkpoint) / WEIGHTS_FILE
     try:
         source_cfg, extra = read_checkpoint_metadata(weights)
         with safe_open(str(weights), framework="pt") as f:
