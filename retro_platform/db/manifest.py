@@ -171,9 +171,13 @@ class NeighborTable:
     """A precomputed neighbour table (``manifest.neighbors[split]``, from `retro query-neighbors`)."""
 
     file: str
-    """The Parquet table, relative to the root."""
+    """Relative to the root: the folder of the per-shard tables (``neighbors/<split>``) when
+    ``shard_files`` is set, else the split's single Parquet table (databases before per-shard tables)."""
     candidates: int
     """Neighbours kept per chunk (num_neighbors x search_depth)."""
+    shard_files: list[str] | None = None
+    """One table per chunk-store shard of the split, in shard order, relative to the root (absent in
+    databases whose table is the single file ``file``)."""
 
 
 @dataclass
@@ -353,17 +357,32 @@ EXPECTABLE: dict[str, Callable[[Manifest], Any]] = {
 """What a later stage can require of a database (``validate_database(expect=...)``)."""
 
 
-def write_manifest(layout: DatabaseLayout, manifest: Manifest) -> None:
+def write_manifest(
+    layout: DatabaseLayout, manifest: Manifest, known: dict[str, FileStat] | None = None
+) -> None:
     """Write manifest.json atomically, with ``file_stats`` set to the current size and modification time
-    of every file of ``manifest.files`` that exists."""
+    of every file of ``manifest.files`` that exists; ``known`` stats (taken by the caller when it wrote
+    or checked a file, for the checksum recorded now) are used as they are, without asking storage."""
     stats = {}
     for relative in sorted(manifest.files):
-        path = layout.path(relative)
-        if storage.exists(path):
-            info = storage.file_info(path)
-            stats[relative] = FileStat(info.size, info.mtime_ns or 0, manifest.files[relative], info.etag)
+        checksum = manifest.files[relative]
+        if known and relative in known and known[relative].sha256 == checksum:
+            stats[relative] = known[relative]
+            continue
+        stat = file_stat(layout.path(relative), checksum)
+        if stat is not None:
+            stats[relative] = stat
     manifest.file_stats = stats
     write_json_atomic(manifest.to_dict(), layout.manifest)
+
+
+def file_stat(location: str | Path, checksum: str) -> FileStat | None:
+    """The FileStat of a file as it is now, recorded with ``checksum`` (None when it is missing)."""
+    try:
+        info = storage.file_info(location)
+    except FileNotFoundError:
+        return None
+    return FileStat(info.size, info.mtime_ns or 0, checksum, info.etag)
 
 
 def load_manifest(db_path: str | Path) -> Manifest:

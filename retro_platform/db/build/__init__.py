@@ -7,7 +7,7 @@ the bookkeeping in ``ledger``, the order of the stages in ``pipeline``.
 
 Idempotent and resumable: every output file is written to a temporary name and renamed, and the
 manifest records, for each file, its sha256 and the sha256 of the files it was made from. The manifest
-is rewritten (``status: building``) after every file, so a re-run after an interruption or a
+is rewritten (``status: building``) as files are written (at most every 5 s), so a re-run after an interruption or a
 deleted/corrupt file skips each output that is still current and rebuilds only the rest,
 byte-identical to an uninterrupted build.
 """

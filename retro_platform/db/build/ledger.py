@@ -14,19 +14,23 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 from retro_platform import storage
 from retro_platform.config import PlatformConfig
 from retro_platform.db.files import file_sha256, is_temporary
 from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout, Location
-from retro_platform.db.manifest import Manifest, load_manifest, write_manifest
+from retro_platform.db.manifest import FileStat, Manifest, file_stat, load_manifest, write_manifest
 from retro_platform.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
 
 DB_ENTRIES = {"manifest.json", "tokenizer.json", "chunks", "embeddings", "index", "neighbors"}
 """Names a database folder may hold (a folder with anything else is not overwritten)."""
+
+CHECKPOINT_SECONDS = 5.0
+"""Partial manifests are written at most this often (the first one at once)."""
 
 BUILD_SCHEME = "hash-buckets"
 """How documents are assigned to shards (recorded in the fingerprint): by a stable hash of their id,
@@ -78,7 +82,9 @@ class Ledger:
         self.inputs: dict[str, dict[str, str]] = {}  # relative path -> {input relative path: sha256}
         self.written: list[str] = []  # relative paths written by this run
         self.fingerprint: dict[str, Any] = {}
+        self.stats: dict[str, FileStat] = {}  # relative path -> what it looked like with its checksum
         self._sha: dict[str, str | None] = {}
+        self._last_checkpoint = -float("inf")
 
     def rel(self, path: Location) -> str:
         """Location relative to the database root (the manifest's key)."""
@@ -98,6 +104,8 @@ class Ledger:
                     stat is not None and stat.sha256 == recorded and stat.matches(storage.file_info(path))
                 )
                 self._sha[key] = recorded if vouched else file_sha256(path)
+                if vouched:
+                    self.stats[key] = stat
         return self._sha[key]
 
     def load_previous(self, inputs: dict[str, Any]) -> None:
@@ -143,11 +151,20 @@ class Ledger:
         self.files[key] = self._sha[key]
         self.inputs[key] = {self.rel(p): self.sha(p) for p in inputs}
         self.written.append(key)
+        stat = file_stat(path, self._sha[key])
+        if stat is not None:
+            self.stats[key] = stat
         self.checkpoint()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, force: bool = False) -> None:
         """Write a partial manifest (status 'building') so an interrupted build resumes from here: the
-        progress so far, and every other section of the manifest this build started from."""
+        progress so far, and every other section of the manifest this build started from. At most every
+        ``CHECKPOINT_SECONDS`` unless forced (the first one is always written): a file written but not
+        yet recorded is simply written again by the next run."""
+        now = time.monotonic()
+        if not force and now - self._last_checkpoint < CHECKPOINT_SECONDS:
+            return
+        self._last_checkpoint = now
         progress = dict(
             format_version=FORMAT_VERSION,
             status="building",
@@ -157,9 +174,9 @@ class Ledger:
             inputs=dict(sorted(self.inputs.items())),
         )
         if self.previous is None:
-            write_manifest(self.layout, Manifest(**progress))
+            write_manifest(self.layout, Manifest(**progress), self.stats)
         else:
-            write_manifest(self.layout, dataclasses.replace(self.previous, **progress))
+            write_manifest(self.layout, dataclasses.replace(self.previous, **progress), self.stats)
 
     def remove_temporaries(self) -> None:
         """Delete temporary files an interrupted build left (local ones; an S3 upload is all or nothing)."""

@@ -163,7 +163,7 @@ class Build:
             revision=previous.revision if previous else None,
         )
         if ledger.written or manifest != previous:  # a checkpoint may have replaced it
-            write_manifest(layout, manifest)
+            write_manifest(layout, manifest, ledger.stats)
         self.stats["total_seconds"] = time.perf_counter() - t_start
         logger.info(
             "database %s: %d documents, %d chunks, %d files written (%.1fs)",
