@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 
+import numpy as np
 import torch
 from conftest import debug_config
 
@@ -20,6 +22,9 @@ from retro_model.checkpoint import save_model_dir
 from retro_model.model import Retro
 from retro_platform.checkpoints import model_for_database
 from retro_platform.db.add_docs import add_documents
+from retro_platform.db.embed import Embedder
+from retro_platform.db.files import load_npy, parquet_file
+from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest
 from retro_platform.generation import run_generation
 from retro_platform.serve.pool import NeighborPool
@@ -60,6 +65,25 @@ def test_added_document_changes_the_greedy_completion_without_retraining(debug_d
     finally:
         pool.shutdown()
     capsys.readouterr()
+    # the new shard's vectors are those the build gives the same texts: the database's encoder settings,
+    # one encode call per row group of the chunk store (rows_per_task rows, as the build's shards), on
+    # as many torch threads as the build's encoder actors (bf16 results depend on the thread count)
+    layout = DatabaseLayout(config.db_path)
+    chunks = parquet_file(layout.chunks("added", 0))
+    assert chunks.metadata.row_group(0).num_rows <= manifest.fingerprint_inputs["embed.rows_per_task"]
+    threads = torch.get_num_threads()
+    embed = config.database.embed
+    try:
+        embedder = Embedder.from_manifest(
+            load_manifest(config.db_path), threads=embed.threads_per_actor or math.ceil(embed.cpus_per_actor)
+        )
+        expected = [
+            embedder.encode(chunks.read_row_group(g, columns=["text"]).column("text").to_pylist())
+            for g in range(chunks.metadata.num_row_groups)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(load_npy(layout.embeddings("added", 0)), np.concatenate(expected))
 
     after = run_generation(config, PROMPT, checkpoint=str(checkpoint))  # a fresh pool, from disk
     printed_after = capsys.readouterr().out

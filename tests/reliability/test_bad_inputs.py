@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import debug_config
@@ -208,4 +209,15 @@ def test_bad_documents_for_add_docs_leave_the_database_untouched(database_copy, 
         capsys, "add-docs", "--config", "debug", "--set", f"work_dir={work}", str(tmp_path / "twice.jsonl")
     )
     assert "document id 'dup'" in err
+    existing = pq.read_table(work / "db" / "chunks" / "train" / "shard-0000.parquet", columns=["doc_key"])
+    taken = tmp_path / "taken.jsonl"
+    taken.write_text(
+        json.dumps({"id": "fresh", "text": "x"})
+        + "\n"
+        + json.dumps({"id": existing["doc_key"][0].as_py(), "text": "y"})
+        + "\n"
+    )
+    err = run_cli(capsys, "add-docs", "--config", "debug", "--set", f"work_dir={work}", str(taken))
+    assert f"{taken}, line 2" in err and "already in the database" in err
     assert files_under(work / "db") == before
+    assert sorted(p.name for p in work.iterdir()) == ["db"]  # no staging folder left beside it

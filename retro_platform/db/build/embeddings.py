@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import ray
 
@@ -21,6 +23,27 @@ from retro_platform.db.layout import SPLITS
 from retro_platform.db.manifest import SplitShard
 
 logger = logging.getLogger(__name__)
+
+
+def embed_shards(
+    config: PlatformConfig, items: list[dict[str, str]], encoder: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """Run the encoder actor pool (sized and placed by ``database.embed``) over work items ``{chunks,
+    out}`` (a shard's chunk store, its .npy) -> a row ``{out, sha256, rows}`` per shard as it is written.
+    ``encoder``: ShardEmbedder's model, compute_dtype, batch_size and out_dtype."""
+    embed = config.database.embed
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardEmbedder,
+        fn_constructor_kwargs=dict(
+            **encoder, threads=embed.threads_per_actor or max(1, math.ceil(embed.cpus_per_actor))
+        ),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(embed.num_actors, len(items))),
+        num_cpus=embed.cpus_per_actor,
+        num_gpus=embed.gpus_per_actor or None,
+        resources=embed_resources(config),
+    )
+    return ds.iter_rows()
 
 
 def write_embeddings(
@@ -39,29 +62,20 @@ def write_embeddings(
         return {}
     embed = config.database.embed
     use_gpu = embed.gpus_per_actor > 0
+    encoder = dict(
+        model=embed.model,
+        compute_dtype=embed.compute_dtype,
+        batch_size=embed.gpu_batch_size if use_gpu else embed.batch_size,
+        out_dtype=embed.dtype,
+    )
     items = [
         {"chunks": str(layout.chunks(s.split, s.shard)), "out": str(layout.embeddings(s.split, s.shard))}
         for s in todo
     ]
     by_out = {item["out"]: s for item, s in zip(items, todo, strict=True)}
     t0 = time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEmbedder,
-        fn_constructor_kwargs=dict(
-            model=embed.model,
-            compute_dtype=embed.compute_dtype,
-            batch_size=embed.gpu_batch_size if use_gpu else embed.batch_size,
-            out_dtype=embed.dtype,
-            threads=embed.threads_per_actor or max(1, math.ceil(embed.cpus_per_actor)),
-        ),
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(embed.num_actors, len(items))),
-        num_cpus=embed.cpus_per_actor,
-        num_gpus=embed.gpus_per_actor or None,
-        resources=embed_resources(config),
-    )
     total = 0
-    for row in ds.iter_rows():
+    for row in embed_shards(config, items, encoder):
         s = by_out[row["out"]]
         ledger.record(layout.embeddings(s.split, s.shard), [layout.chunks(s.split, s.shard)], row["sha256"])
         total += int(row["rows"])
