@@ -171,7 +171,8 @@ def main() -> None:
                                 f"ray.address={cluster.address}",
                                 "ray.serve_resource=serve",
                                 f"serve.replicas={replicas}",
-                                "serve.cpus_per_actor=0.5",
+                                # every actor must fit on the nodes' CPUs (else the pool never starts)
+                                f"serve.cpus_per_actor={min(0.5, nodes / (shards * replicas)):.3f}",
                                 "model.num_neighbors=2",
                             ],
                         )
