@@ -2,23 +2,51 @@
 
     .venv/bin/python benchmarks/pool.py [--vectors 1000000] [--dim 384] [--data random clustered]
         [--approx HNSW32 IVF4096,Flat] [--ef 32 64 128 256] [--nprobe 8 16 32 64]
+        [--sections flat approx auto] [--auto-sizes 1000000] [--embeddings DB_PATH]
 
 Flat over uniformly random unit vectors for 1/2/4 shards and batches of 64/512, the effect of faiss's
 ``distance_compute_blas_threshold`` on batches of 64, then approximate indexes (2 shards, batch 512)
 with their recall@2 against brute force and their speed relative to Flat measured in the same run, on
 two data sets: uniformly random vectors (the worst case: no structure for an index to use) and a
 Gaussian mixture of 20,000 clusters (the structure of real text embeddings).
+
+``auto`` section: the index ``database.index.factory=auto`` picks (``retro_platform.db.index``) at each
+of ``--auto-sizes`` clustered vectors stored in fp16 as the build stores embeddings, generated, sampled
+for training and added block by block (memory: the index and one block), trained on the sample size
+``train_sample_size`` asks for, written and read back memory-mapped (``MMAP_READ_FLAGS``) as a shard
+actor would; then recall@2 against brute force (computed block by block during the add) and queries/s
+on one core (one FAISS thread, batches of ``--auto-batch``; wall clock and per CPU second, which a
+loaded machine distorts less) for each nprobe and refine k_factor, and the speed of the k * depth
+search a shard actor runs when it excludes documents. ``--auto-centers`` sets the mixture's clusters
+(vectors per cluster = its density), ``--auto-factory`` measures another factory the same way. With
+``--embeddings DB_PATH`` the same on a built database's embeddings (embeddings/train/*.npy; queries
+from embeddings/valid, else held-out train rows). Results: benchmarks/RESULTS-pool.md.
+
+    .venv/bin/python benchmarks/pool.py --sections auto --auto-sizes 1000000 [--auto-centers 20000]
+        [--auto-nprobe 8 16 32] [--auto-k-factor 8 16 32 64] [--auto-factory F] [--embeddings DB_PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import faiss
 import numpy as np
 import ray
+
+from retro_platform.db.index import (
+    MMAP_READ_FLAGS,
+    choose_factory,
+    set_search_params,
+    train_index,
+    train_sample_size,
+)
 
 
 @ray.remote(num_cpus=0.5)
@@ -106,6 +134,147 @@ def measure(shards, queries: np.ndarray, k: int, repeats: int) -> tuple[float, f
     return len(queries) / p50, 1000 * p50, 1000 * sorted(latencies)[int(0.95 * (len(latencies) - 1))], top
 
 
+def clustered_blocks(
+    n: int, dim: int, seed: int, centers: int = 20_000, block: int = 250_000
+) -> Callable[[], Iterator[np.ndarray]]:
+    """A re-iterable source of ``n`` clustered vectors in fp16 blocks (each block its own seed, the same
+    centres), so sizes beyond memory are generated, sampled and added block by block."""
+
+    def blocks() -> Iterator[np.ndarray]:
+        for number, start in enumerate(range(0, n, block)):
+            part = clustered(min(block, n - start), dim, seed * 1_000_003 + number, centers)
+            yield part.astype(np.float16)
+
+    return blocks
+
+
+def embedding_source(db_path: str, n_queries: int, block: int = 250_000):
+    """(n, dim, blocks, queries) from a built database's embeddings: the train shards are the base, the
+    queries are rows of the valid split (or the last train rows, then held out of the base)."""
+    root = Path(db_path) / "embeddings"
+    train = [np.load(f, mmap_mode="r") for f in sorted((root / "train").glob("*.npy"))]
+    if not train:
+        raise SystemExit(f"no embeddings/train/*.npy under {db_path}")
+    valid = [np.load(f, mmap_mode="r") for f in sorted((root / "valid").glob("*.npy"))]
+    if valid and sum(len(v) for v in valid) >= n_queries:
+        queries = np.concatenate(valid)[:n_queries]
+    else:
+        queries, train[-1] = train[-1][-n_queries:], train[-1][:-n_queries]
+    n = sum(len(t) for t in train)
+
+    def blocks() -> Iterator[np.ndarray]:
+        for part in train:
+            for start in range(0, len(part), block):
+                yield np.asarray(part[start : start + block], dtype=np.float16)
+
+    return n, train[0].shape[1], blocks, np.asarray(queries, dtype=np.float32)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def auto_index(label: str, n: int, dim: int, blocks, queries: np.ndarray, args: argparse.Namespace) -> None:
+    """Build the ``auto`` index over ``blocks()`` and report build time, size, recall@2 and q/s per core."""
+    k = 2
+    factory = args.auto_factory or choose_factory(n, dim, train_sample=args.auto_train_sample)
+    sample_n = train_sample_size(factory, n, args.auto_train_sample)
+    chosen = "given" if args.auto_factory else "auto"
+    print(
+        f"\n{label}: {n} vectors, dim {dim} (fp16 source), {chosen} -> {factory}, training sample {sample_n}"
+    )
+    if not factory.startswith("IVF"):
+        print("  (not an IVF index: see the Flat/HNSW sections)")
+        return
+    faiss.omp_set_num_threads(2)  # the build's tasks use the node's cores
+    t0 = time.perf_counter()
+    rows = np.sort(np.random.default_rng(0).choice(n, sample_n, replace=False))
+    sample, start = [], 0
+    for part in blocks():  # a sample spread over the data, as the build's training task takes it
+        pick = rows[(rows >= start) & (rows < start + len(part))] - start
+        sample.append(np.asarray(part[pick], dtype=np.float32))
+        start += len(part)
+    generate = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    trained = train_index(factory, np.concatenate(sample))
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+    del sample
+    add_s, add_cpu, exact_s, start = 0.0, 0.0, 0.0, 0
+    index = faiss.clone_index(trained)
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for part in blocks():
+        vectors = np.asarray(part, dtype=np.float32)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for b in range(0, len(vectors), args.auto_add_block):  # as fill_index adds
+            index.add(vectors[b : b + args.auto_add_block])
+        add_s, add_cpu = add_s + time.perf_counter() - t0, add_cpu + time.process_time() - c0
+        t0 = time.perf_counter()  # exact top-k of every query over this block (brute force)
+        scores = queries @ vectors.T
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        all_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, 1)], 1)
+        all_ids = np.concatenate([best_ids, top + start], 1)
+        order = np.argsort(-all_scores, 1)[:, :k]
+        best_scores, best_ids = (
+            np.take_along_axis(all_scores, order, 1),
+            np.take_along_axis(all_ids, order, 1),
+        )
+        exact_s += time.perf_counter() - t0
+        start += len(vectors)
+    with tempfile.TemporaryDirectory(dir=args.auto_dir) as tmp:
+        path = os.path.join(tmp, "shard.faiss")
+        faiss.write_index(index, path)
+        size = os.path.getsize(path)
+        del index, trained
+        before = rss_mb()
+        served = faiss.read_index(path, MMAP_READ_FLAGS)  # what a shard actor holds
+        resident = rss_mb() - before
+        print(
+            f"  build (2 threads): train {train_s:.0f} s ({train_cpu:.0f} CPU s), add {add_s:.0f} s "
+            f"({add_cpu:.0f} CPU s, {n / max(add_cpu, 1e-9):.0f} vectors per CPU s); "
+            f"file {size / 1e6:.0f} MB ({size / n:.0f} B/vector), resident after a memory-mapped read "
+            f"{resident:.0f} MB; (data generation {generate:.0f} s, brute force {exact_s:.0f} s, not counted)"
+        )
+        faiss.omp_set_num_threads(1)  # one thread per shard actor
+        faiss.cvar.distance_compute_blas_threshold = 16
+        print(
+            f"  {'nprobe':>6s} {'k_factor':>8s} {'q/s':>7s} {'q/CPU s':>8s} {'recall@2':>9s} "
+            f"{'q/CPU s k=' + str(k * args.auto_depth):>13s}   "
+            f"({len(queries)} queries, batches of {args.auto_batch}, one thread)"
+        )
+        for nprobe in args.auto_nprobe:
+            for k_factor in args.auto_k_factor:
+                set_search_params(served, nprobe, 64, k_factor)
+                served.search(queries[: args.auto_batch], k)  # warm the mapped pages
+                times, cpu, found = [], [], []
+                for _ in range(args.auto_repeats):
+                    found = []
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    for b in range(0, len(queries), args.auto_batch):
+                        found.append(served.search(queries[b : b + args.auto_batch], k)[1])
+                    times.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
+                ids = np.concatenate(found)
+                recall = float(
+                    np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, best_ids, strict=True)])
+                )
+                qps = len(queries) / statistics.median(times)
+                per_cpu = len(queries) / statistics.median(cpu)
+                c0 = time.process_time()  # the shard actor's deeper search when it excludes documents
+                for b in range(0, len(queries), args.auto_batch):
+                    served.search(queries[b : b + args.auto_batch], k * args.auto_depth)
+                deep = len(queries) / (time.process_time() - c0)
+                hit = "  >= 0.95" if recall >= 0.95 else ""
+                print(
+                    f"  {nprobe:6d} {k_factor:8d} {qps:7.0f} {per_cpu:8.0f} {recall:9.3f} {deep:13.0f}{hit}"
+                )
+        print(
+            f"  resident after the searches: {rss_mb() - before:.0f} MB (mapped file pages, shared and evictable)"
+        )
+        del served
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vectors", type=int, default=1_000_000)
@@ -118,7 +287,45 @@ def main() -> None:
     parser.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--train-sample", type=int, default=200_000, help="IVF training vectors")
+    parser.add_argument(
+        "--sections", nargs="+", default=["flat", "approx", "auto"], choices=["flat", "approx", "auto"]
+    )
+    parser.add_argument(
+        "--auto-sizes", type=int, nargs="*", default=[1_000_000], help="auto index sizes (none: skip)"
+    )
+    parser.add_argument(
+        "--auto-train-sample", type=int, default=100_000, help="database.index.train_sample for auto"
+    )
+    parser.add_argument("--auto-queries", type=int, default=1000)
+    parser.add_argument(
+        "--auto-centers",
+        type=int,
+        default=20_000,
+        help="clusters of the synthetic data (density = n / centres)",
+    )
+    parser.add_argument("--auto-batch", type=int, default=500, help="queries per search call")
+    parser.add_argument("--auto-nprobe", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--auto-k-factor", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--auto-repeats", type=int, default=3)
+    parser.add_argument("--auto-factory", default=None, help="measure this factory instead of auto's choice")
+    parser.add_argument("--auto-depth", type=int, default=4, help="also time k * depth (document exclusion)")
+    parser.add_argument("--auto-add-block", type=int, default=65_536)
+    parser.add_argument("--auto-dir", default=None, help="where the index file is written (temporary)")
+    parser.add_argument(
+        "--embeddings", default=None, help="a built database: the auto index on its embeddings"
+    )
     args = parser.parse_args()
+    if "auto" in args.sections:
+        for n in args.auto_sizes:
+            centers = args.auto_centers
+            queries = clustered(args.auto_queries, args.dim, 2, centers).astype(np.float16).astype(np.float32)
+            label = f"clustered ({centers} centres, {n // centers} vectors each)"
+            auto_index(label, n, args.dim, clustered_blocks(n, args.dim, 1, centers), queries, args)
+        if args.embeddings:
+            n, dim, blocks, queries = embedding_source(args.embeddings, args.auto_queries)
+            auto_index(f"embeddings of {args.embeddings}", n, dim, blocks, queries, args)
+    if not {"flat", "approx"} & set(args.sections):
+        return
     ray.init(
         address="local",
         num_cpus=2,
