@@ -183,6 +183,9 @@ class IndexConfig:
     """IVF lists searched per query."""
     ef_search: int = 64
     """HNSW search depth."""
+    k_factor: int | None = None
+    """Candidates re-ranked exactly per neighbour by a refine stage (``Refine(SQfp16)``: k * k_factor);
+    None keeps the index's own (64 for indexes built here)."""
     include_valid: bool = False
     """Also index the valid split (open-book / leakage experiments)."""
     use_gpu: bool = False
@@ -200,6 +203,7 @@ class IndexConfig:
         _check(self.add_block >= 1, "database.index.add_block", "must be >= 1")
         _check(self.nprobe >= 1, "database.index.nprobe", "must be >= 1")
         _check(self.ef_search >= 1, "database.index.ef_search", "must be >= 1")
+        _check(self.k_factor is None or self.k_factor >= 1, "database.index.k_factor", "must be >= 1 or null")
 
 
 @dataclass
@@ -246,7 +250,7 @@ class ServeConfig:
     name: str = "retro-neighbors"
     """Name prefix of the shard actors (for lookup from other processes)."""
     mmap_index: bool = False
-    """Memory-map each shard's FAISS index (``faiss.IO_FLAG_MMAP``) instead of reading it into the actor:
+    """Memory-map each shard's FAISS index (``db.index.MMAP_READ_FLAGS``) instead of reading it into the actor:
     the page cache holds it, shared by the replicas of a node and paged in as queries touch it."""
     memory_gb_per_actor: float = 8.0
     """Memory budget of one shard actor: with ``database.num_shards: null`` the build makes as many

@@ -93,7 +93,7 @@ class NeighborPool:
                         # or efSearch never attaches to actors that search differently
                         name=(
                             f"{serve.name}-{manifest.db_id}-{shard.shard}-{replica}"
-                            f"-p{index_cfg.nprobe}-e{index_cfg.ef_search}{'-mmap' if serve.mmap_index else ''}"
+                            f"-p{index_cfg.nprobe}-e{index_cfg.ef_search}{'-mmap' if serve.mmap_index else ''}-k{index_cfg.k_factor}"
                         ),
                         namespace=config.ray.namespace,
                         get_if_exists=True,
@@ -111,6 +111,7 @@ class NeighborPool:
                         index_cfg.blas_threshold,
                         threads,
                         serve.mmap_index,
+                        index_cfg.k_factor,
                     )
                 )
             self.replicas.append(handles)

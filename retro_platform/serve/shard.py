@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from retro_platform.db.files import load_npy, read_index
-from retro_platform.db.index import set_search_params
+from retro_platform.db.index import MMAP_READ_FLAGS, set_search_params
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest
 from retro_platform.db.store import neighbor_tokens
@@ -39,6 +39,7 @@ class ShardActor:
         blas_threshold: int = 16,
         threads: int = 1,
         mmap_index: bool = False,
+        k_factor: int | None = None,
     ):
         layout = DatabaseLayout(db_path)
         manifest = load_manifest(db_path)
@@ -50,9 +51,9 @@ class ShardActor:
         self.shard = shard
         self.chunk_start = info.chunk_start
         self.pad_id = manifest.tokenizer.pad_id
-        flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP if mmap_index else 0)
+        flags = MMAP_READ_FLAGS if mmap_index else faiss.IO_FLAG_READ_ONLY
         self.index = read_index(layout.index(shard), flags)  # a node-local copy when the database is remote
-        set_search_params(self.index, nprobe, ef_search)
+        set_search_params(self.index, nprobe, ef_search, k_factor)
         if ray.get_gpu_ids() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             self.index = faiss.index_cpu_to_all_gpus(self.index)  # GPU actor with a FAISS GPU build
         self.tokens = load_npy(layout.shard_tokens(shard))

@@ -20,7 +20,14 @@ from retro_platform.db import chunk as chunking
 from retro_platform.db.build.ledger import Ledger
 from retro_platform.db.build.tasks import build_resources, embed_resources, run_tasks
 from retro_platform.db.files import load_npy, read_index, read_table, save_npy_atomic, write_index_atomic
-from retro_platform.db.index import choose_factory, fill_index, min_training_vectors, new_index, train_index
+from retro_platform.db.index import (
+    choose_factory,
+    fill_index,
+    min_training_vectors,
+    new_index,
+    train_index,
+    train_sample_size,
+)
 from retro_platform.db.manifest import IndexInfo, IndexShard, SplitShard
 from retro_platform.errors import DatabaseError
 
@@ -47,7 +54,7 @@ def check_index_trainable(config: PlatformConfig, plans: dict[str, list[SplitSha
         factory = choose_factory(n_total, dim, index_cfg.memory_budget_gb, index_cfg.train_sample)
     new_index(factory, dim)  # raises DatabaseError naming database.index.factory for a bad string
     need = min_training_vectors(factory)
-    have = min(index_cfg.train_sample, n_total)
+    have = min(train_sample_size(factory, n_total, index_cfg.train_sample), n_total)
     if have < need:
         raise DatabaseError(
             f"index {factory!r} needs at least {need} training vectors but this database gives {have} "
@@ -114,7 +121,7 @@ def build_index(
             "factory": factory,
             "embedding_files": [str(p) for p in emb_paths],
             "sizes": [s.num_chunks for s in sources],
-            "sample": index_cfg.train_sample,
+            "sample": train_sample_size(factory, n_total, index_cfg.train_sample),
             "use_gpu": index_cfg.use_gpu,
             "out": str(trained_path),
         }
