@@ -205,19 +205,29 @@ def test_grouped_prefetched_queries_give_each_batch_its_own_neighbors(synthetic_
     assert requests == math.ceil((10 + prefetch) / query_batches)
 
 
+class ArrayTable:
+    """Stands in for NeighborTableReader: candidate rows of the chunks from ``first`` on, in memory."""
+
+    def __init__(self, table: np.ndarray, first: int):
+        self.table, self.first = table, first
+
+    def rows(self, chunk_ids):
+        return self.table[np.asarray(chunk_ids) - self.first]
+
+
 def test_precomputed_neighbors_drop_documents_of_the_sequence(synthetic_db):
     db, chunk_docs = synthetic_db
     src = source(db, seq_len=2 * M, k=2)
     first, last = src.store.split_range("train")
     # candidates of chunk c: c+1 (often the same document), c+4, c+8, c-1 (mod N)
     n = src.store.num_chunks
-    src._table = np.stack([(np.arange(first, last) + d) % n for d in (1, 4, 8, -1)], axis=1)
-    src._table_first = first
+    table = np.stack([(np.arange(first, last) + d) % n for d in (1, 4, 8, -1)], axis=1)
+    src._table = ArrayTable(table, first)
     chunk_ids = src.chunk_ids(np.arange(src.num_sequences))
     ids = src.precomputed_ids(chunk_ids)
     excl = src.exclusions(chunk_ids)
     for i, chunk in enumerate(chunk_ids.reshape(-1)):
-        allowed = [c for c in src._table[chunk - first] if chunk_docs[c] not in excl[i]][:2]
+        allowed = [c for c in table[chunk - first] if chunk_docs[c] not in excl[i]][:2]
         assert ids[i].tolist() == allowed + [-1] * (2 - len(allowed))
     # neighbour tokens: the chunk, then its continuation in the same document, else padding
     tokens = src.neighbor_tokens(np.array([[0, -1]]))  # chunk 0 (doc 0 has 3 chunks), missing
@@ -289,3 +299,36 @@ def test_model_must_match_the_database_and_resume_the_same_model(tmp_path):
     )
     with pytest.raises(CheckpointError, match="another tokenizer"):
         check_resumable(matched, tmp_path / "ck", other_tokenizer)
+
+
+def test_store_reads_chunk_arrays_else_a_node_local_copy_of_the_chunk_store(
+    synthetic_db, tmp_path, monkeypatch
+):
+    """Tokens and doc ids come memory-mapped from a shard's own arrays when the build wrote them, else
+    from arrays streamed once per node out of the chunk store (tokens/doc_id only) into the cache."""
+    monkeypatch.setenv("RETRO_CACHE_DIR", str(tmp_path / "cache"))
+    db, chunk_docs = synthetic_db
+    layout = DatabaseLayout(db)
+    store = ChunkStore(db)
+    everything = np.arange(store.num_chunks)
+    tokens = store.tokens(everything)
+    np.testing.assert_array_equal(store.doc_ids(everything), chunk_docs)
+    assert tokens[0].tolist() == [token_of(0, i) for i in range(M)]
+    assert [store.array_sources(i)[0] for i in range(len(store.shards))] == ["parquet"] * 3
+    cached = sorted(p.name for p in (tmp_path / "cache" / "chunk-arrays").rglob("*.npy"))
+    assert cached == ["doc_ids.npy"] * 3 + ["tokens.npy"] * 3
+    assert all(isinstance(a, np.memmap) for pair in store._arrays.values() for a in pair)
+    # a store opened later maps the same node-local arrays (no second copy)
+    again = ChunkStore(db)
+    np.testing.assert_array_equal(again.tokens(everything), tokens)
+    assert sorted(p.name for p in (tmp_path / "cache" / "chunk-arrays").rglob("*.npy")) == cached
+    # the shard's own arrays are preferred when they exist
+    start, end, _, _ = store.shards[1]
+    save_npy_atomic(tokens[start:end], layout.chunk_tokens("train", 1))
+    save_npy_atomic(chunk_docs[start:end].astype(np.int64), layout.chunk_doc_ids("train", 1))
+    own = ChunkStore(db)
+    assert [own.array_sources(i)[0] for i in range(3)] == ["parquet", "chunk", "parquet"]
+    np.testing.assert_array_equal(own.tokens(everything), tokens)
+    save_npy_atomic(tokens[start : end - 1], layout.chunk_tokens("train", 1))  # a short array is refused
+    with pytest.raises(DatabaseError, match="retro build-db"):
+        ChunkStore(db).tokens(np.array([start]))

@@ -5,12 +5,16 @@ A database is a folder::
     manifest.json                        what was built, from what, with checksums of every file
     tokenizer.json                       the project tokenizer (HF tokenizers format)
     chunks/<split>/shard-XXXX.parquet    chunk store, split in {train, valid}
+    chunks/<split>/shard-XXXX.tokens.npy   int32 [n_chunks, chunk_len] of a chunk-store shard (optional;
+    chunks/<split>/shard-XXXX.doc_ids.npy  int64 [n_chunks]            readers fall back to index/ arrays)
     embeddings/<split>/shard-XXXX.npy    float16/float32 [n_chunks, dim], row i = chunk_start + i
     index/trained.faiss                  the trained, empty index (manifest index.trained_file); add-docs clones it
     index/shard-XXXX.faiss               FAISS index of one index shard; FAISS id = chunk_id - chunk_start
     index/shard-XXXX.tokens.npy          int32 [n_chunks, chunk_len], memory-mappable, pad-filled
     index/shard-XXXX.doc_ids.npy         int64 [n_chunks], the doc_id of every chunk of the shard
-    neighbors/<split>.parquet            precomputed neighbour table (chunk_id -> k neighbour chunk ids)
+    neighbors/<split>/shard-XXXX.parquet precomputed neighbour table of a chunk-store shard (chunk_id ->
+                                         k neighbour chunk ids), sorted by chunk id, small row groups
+    neighbors/<split>.parquet            the same for a whole split (written before per-shard tables)
 
 Identifiers. ``doc_id`` is a global int64 document index and ``chunk_id`` a global int64 chunk index,
 both contiguous and in document order over the whole database: the train split's shards first (shard 0,
@@ -90,8 +94,24 @@ class DatabaseLayout:
         return self.path(f"index/shard-{shard:04d}.doc_ids.npy")
 
     def neighbors(self, split: str) -> Location:
-        """Precomputed neighbour table of a split."""
+        """Precomputed neighbour table of a whole split (the form before per-shard tables)."""
         return self.path(f"neighbors/{split}.parquet")
+
+    def neighbors_dir(self, split: str) -> Location:
+        """Folder of a split's per-shard precomputed neighbour tables."""
+        return self.path(f"neighbors/{split}")
+
+    def neighbor_shard(self, split: str, shard: int) -> Location:
+        """Precomputed neighbour table of one chunk-store shard of a split."""
+        return self.path(f"neighbors/{split}/shard-{shard:04d}.parquet")
+
+    def chunk_tokens(self, split: str, shard: int) -> Location:
+        """Memory-mappable tokens of one chunk-store shard (int32 [n, chunk_len], pad-filled)."""
+        return self.path(f"chunks/{split}/shard-{shard:04d}.tokens.npy")
+
+    def chunk_doc_ids(self, split: str, shard: int) -> Location:
+        """doc_id of every chunk of one chunk-store shard (int64 [n])."""
+        return self.path(f"chunks/{split}/shard-{shard:04d}.doc_ids.npy")
 
     def relative(self, location: Location) -> str:
         """Location relative to the database root (the form stored in the manifest)."""

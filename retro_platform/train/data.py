@@ -7,6 +7,11 @@ Every chunk's neighbours exclude all documents of its own sequence. Each DDP ran
 seeded share of the sequences, so a RETRO run and a baseline run with the same seed see the same
 sequences in the same order.
 
+Memory: tokens, doc ids and embeddings come from the ChunkStore's memory-mapped per-shard arrays (text
+is never read) and precomputed neighbours from the table's row groups (``NeighborTableReader``: a few
+decoded row groups cached), so a worker's memory does not grow with the database
+(``benchmarks/train_memory.py``).
+
 Online neighbours: the loader knows its future batches (the order is a seeded permutation), so it sends
 the pool the queries of ``query_batches`` batches in one request per shard and keeps requests covering
 the next ``prefetch`` batches in flight while the current batch trains. Grouping batches amortises the
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retro_platform.db.files import read_table
+from retro_platform.db.precompute import NeighborTableReader
 from retro_platform.db.store import ChunkStore, neighbor_tokens
 from retro_platform.errors import DatabaseError
 from retro_platform.serve.pool import NeighborPool
@@ -71,8 +76,7 @@ class SequenceSource:
         self.k = k
         self.pad = store.manifest.tokenizer.pad_id
         self.token_bytes = token_bytes
-        self._table: np.ndarray | None = None
-        self._table_first = 0
+        self._table: NeighborTableReader | None = None
 
     def chunk_ids(self, sequence_ids: np.ndarray) -> np.ndarray:
         """[b, l] chunk ids of sequences."""
@@ -119,26 +123,16 @@ class SequenceSource:
 
     # ---- precomputed neighbours ---------------------------------------------------------------------
     def load_table(self) -> None:
-        """Read the precomputed neighbour table of this split (from `retro query-neighbors`)."""
-        if self._table is not None:
-            return
-        info = self.store.manifest.neighbors.get(self.split)
-        if not info:
-            raise DatabaseError(
-                f"database {self.store.layout.root} has no precomputed neighbours for the {self.split} split; "
-                "run `retro query-neighbors` or set train.neighbor_mode=online"
-            )
-        table = read_table(self.store.layout.path(info.file), columns=["chunk_id", "neighbor_ids"])
-        width = table.schema.field("neighbor_ids").type.list_size
-        flat = table.column("neighbor_ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        self._table = np.asarray(flat, dtype=np.int64).reshape(table.num_rows, width)
-        self._table_first = int(table.column("chunk_id")[0].as_py())
+        """Open the precomputed neighbour table of this split (from `retro query-neighbors`): its rows are
+        read by row group when batches ask for them (``NeighborTableReader``), never the whole table."""
+        if self._table is None:
+            self._table = NeighborTableReader(self.store.layout, self.store.manifest, self.split)
 
     def precomputed_ids(self, chunk_ids: np.ndarray) -> np.ndarray:
         """[b*l, k] neighbour chunk ids from the table, dropping documents of the chunk's sequence."""
         self.load_table()
         exclusions = self.exclusions(chunk_ids)  # (q, D)
-        candidates = self._table[chunk_ids.reshape(-1) - self._table_first]  # (q, K), best first
+        candidates = self._table.rows(chunk_ids.reshape(-1))  # (q, K), best first
         docs = self.store.doc_ids(np.maximum(candidates, 0).reshape(-1)).reshape(candidates.shape)
         keep = (candidates >= 0) & ~(docs[:, :, None] == exclusions[:, None, :]).any(axis=2)
         order = np.argsort(~keep, axis=1, kind="stable")[:, : self.k]  # kept candidates first, in rank order
