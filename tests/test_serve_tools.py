@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import debug_config
 
@@ -30,7 +31,10 @@ def test_precomputed_table_matches_pool_and_excludes_own_document(debug_db, tmp_
     manifest = precompute_neighbors(config)
     assert set(manifest.neighbors) == {"train", "valid"}
     validate_database(config.db_path)  # the table's checksum is recorded
-    table = pq.read_table(DatabaseLayout(config.db_path).neighbors("train")).to_pydict()
+    layout = DatabaseLayout(config.db_path)
+    shard_files = manifest.neighbors["train"].shard_files  # one table per chunk-store shard
+    assert len(shard_files) == len(manifest.splits["train"])
+    table = pa.concat_tables(pq.read_table(layout.path(f)) for f in shard_files).to_pydict()
     store = ChunkStore(config.db_path)
     first, last = store.split_range("train")
     assert table["chunk_id"] == list(range(first, last))

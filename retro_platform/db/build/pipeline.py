@@ -121,8 +121,12 @@ class Build:
         previous = ledger.previous
         neighbors = (previous.neighbors if previous else None) or {}
         unchanged = all((previous.files if previous else {}).get(k) == v for k, v in files.items())
-        if neighbors and unchanged:  # precomputed neighbour tables stay valid while nothing else changed
-            files.update({v.file: ledger.files[v.file] for v in neighbors.values() if v.file in ledger.files})
+        tables = {split: v.shard_files or [v.file] for split, v in neighbors.items()}
+        kept = all(f in ledger.files for names in tables.values() for f in names)
+        if (
+            neighbors and unchanged and kept
+        ):  # precomputed neighbour tables stay valid while nothing else changed
+            files.update({f: ledger.files[f] for names in tables.values() for f in names})
         else:
             neighbors = {}
         counts = self._counts(documents, plans, real_tokens)
