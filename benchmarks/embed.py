@@ -7,7 +7,7 @@ process run, with the same weights (``auto``: bf16 on CPUs with AVX-512 bf16/AMX
 
 * bare: one ``SentenceTransformer.encode(texts, batch_size=64)`` call (the model used directly, no
   project code), measured before and after the Ray run to show how much the machine's load moved;
-* Ray Data: exactly the build's embedding stage (``ChunkStoreEmbedder`` in an actor pool of one actor
+* Ray Data: exactly the build's embedding stage (``ShardEmbedder`` in an actor pool of one actor
   with ``--cpus`` threads, one task per 256-row group of a chunk-store Parquet file), timed end to
   end, and at steady state as (N_full - N_short) / (T_full - T_short) over a full run and a run of
   two row groups, which removes the fixed cost (actor start-up, model load) both runs pay.
@@ -68,29 +68,33 @@ def bare_rate(texts: list[str], threads: int) -> float:
 
 
 def ray_seconds(path: Path, cpus: int, row_groups: int | None = None) -> tuple[int, float]:
-    """(chunks, wall seconds) of the build's embedding stage over the first ``row_groups`` row groups."""
+    """(chunks, wall seconds) of the build's embedding stage (``ShardEmbedder`` in an actor pool of one
+    actor, as ``retro build-db`` runs it) over the first ``row_groups`` row groups of the chunk file."""
     import pyarrow.parquet as pq
     import ray
 
-    from retro_platform.db.embed import ChunkStoreEmbedder
+    from retro_platform.db.embed import ShardEmbedder
 
-    meta = pq.ParquetFile(path).metadata
-    items, start = [], 0
-    for group in range(meta.num_row_groups if row_groups is None else row_groups):
-        items.append({"path": str(path), "row_group": group, "chunk_start": start})
-        start += meta.row_group(group).num_rows
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ChunkStoreEmbedder,
+    source = pq.ParquetFile(path)
+    if row_groups is not None:  # a shard of just those row groups (the stage embeds whole shards)
+        part = path.with_name(f"{path.stem}-{row_groups}rg.parquet")
+        table = source.read_row_groups(list(range(row_groups)))
+        pq.write_table(table, part, row_group_size=source.metadata.row_group(0).num_rows)
+        path, expected = part, table.num_rows
+    else:
+        expected = source.metadata.num_rows
+    ds = ray.data.from_items([{"chunks": str(path), "out": ""}], override_num_blocks=1).map_batches(
+        ShardEmbedder,
         fn_constructor_kwargs=dict(threads=cpus),
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=cpus - 0.5,  # leave the driver/executor a share: a full-CPU actor pool can starve tasks
     )
     t0 = time.perf_counter()
-    count = sum(len(batch["chunk_id"]) for batch in ds.iter_batches(batch_size=None))
+    count = sum(int(row["rows"]) for row in ds.iter_rows())
     seconds = time.perf_counter() - t0
-    if count != start:
-        raise RuntimeError(f"the stage returned {count} chunks for {start}")
+    if count != expected:
+        raise RuntimeError(f"the stage returned {count} chunks for {expected}")
     return count, seconds
 
 

@@ -341,20 +341,44 @@ def resolve_checkpoint(config: PlatformConfig, checkpoint: str | Path | None) ->
     return local_checkpoint(find_checkpoint(config, checkpoint))
 
 
-def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: Manifest):
+def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: Manifest, warn: bool = True):
     """Load a checkpoint and refuse it when it does not match the database -> (model, extra)."""
     try:
         model, extra = load_model_dir(checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         raise CheckpointError(str(exc)) from None
-    if model.config.chunk_len != manifest.chunk_len:
+    check_compatible(config, checkpoint, manifest, (model.config, extra), warn)
+    return model, extra
+
+
+def check_compatible(
+    config: PlatformConfig,
+    checkpoint: Path | str,
+    manifest: Manifest,
+    metadata: tuple[Any, dict[str, Any]] | None = None,
+    warn: bool = True,
+) -> dict[str, Any]:
+    """Refuse a checkpoint whose model does not match the database (chunk length, vocabulary, tokenizer)
+    -> its metadata. Reads only the checkpoint's header (``metadata``: already read) and works on object
+    storage, so a driver can refuse it before a task loads the weights."""
+    if metadata is None:
+        weights = _storage.join(str(checkpoint), WEIGHTS_FILE)
+        try:
+            if _storage.is_remote(weights):
+                metadata = remote_checkpoint_metadata(weights)
+            else:
+                metadata = read_checkpoint_metadata(weights)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CheckpointError(str(exc)) from None
+    model_config, extra = metadata
+    if model_config.chunk_len != manifest.chunk_len:
         raise CheckpointError(
-            f"checkpoint {checkpoint} has chunk_len {model.config.chunk_len} but database {config.db_path} "
+            f"checkpoint {checkpoint} has chunk_len {model_config.chunk_len} but database {config.db_path} "
             f"has {manifest.chunk_len}: evaluate it on the database it was trained with"
         )
-    if model.config.vocab_size != manifest.tokenizer.vocab_size:
+    if model_config.vocab_size != manifest.tokenizer.vocab_size:
         raise CheckpointError(
-            f"checkpoint {checkpoint} has vocab_size {model.config.vocab_size} but the tokenizer of "
+            f"checkpoint {checkpoint} has vocab_size {model_config.vocab_size} but the tokenizer of "
             f"{config.db_path} has {manifest.tokenizer.vocab_size}: it was trained with another tokenizer"
         )
     if other_tokenizer(extra, manifest):
@@ -362,11 +386,11 @@ def load_compatible_model(config: PlatformConfig, checkpoint: Path, manifest: Ma
             f"checkpoint {checkpoint} was trained with another tokenizer than the one of {config.db_path} "
             "(same vocabulary size, different tokens): evaluate it on the database it was trained with"
         )
-    if extra.get("db_id") and extra["db_id"] != manifest.db_id:
+    if warn and extra.get("db_id") and extra["db_id"] != manifest.db_id:
         logger.warning(
             "checkpoint %s was trained on database %s, evaluating on %s",
             checkpoint,
             extra["db_id"],
             manifest.db_id,
         )
-    return model, extra
+    return extra

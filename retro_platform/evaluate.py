@@ -24,11 +24,17 @@ import ray
 import torch
 
 from retro_platform import tracking
-from retro_platform.checkpoints import find_checkpoint, load_compatible_model, local_checkpoint
+from retro_platform.checkpoints import (
+    check_compatible,
+    find_checkpoint,
+    load_compatible_model,
+    local_checkpoint,
+)
 from retro_platform.config import PlatformConfig
 from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
+from retro_platform.errors import RetroError
 from retro_platform.overlap import OverlapTotals
 from retro_platform.ray_utils import ray_session
 from retro_platform.serve.pool import NeighborPool
@@ -48,7 +54,7 @@ def score_checkpoint(
     copy of one on object storage), score the valid split -> {metrics, overlap table, run id}."""
     torch.set_num_threads(max(1, math.ceil(evaluation_cpus(config))))
     manifest = validate_database(config.db_path, check_files=False)  # checked by the driver
-    model, extra = load_compatible_model(config, local_checkpoint(checkpoint), manifest)
+    model, extra = load_compatible_model(config, local_checkpoint(checkpoint), manifest, warn=False)
     store = ChunkStore(config.db_path, manifest)
     token_bytes = token_byte_lengths(load_tokenizer_file(store.layout.tokenizer))
     source = SequenceSource(store, "valid", config.train.seq_len, model.config.num_neighbors, token_bytes)
@@ -118,10 +124,16 @@ def run_evaluation(
     with ray_session(config) as session:
         manifest = validate_database(config.db_path)
         location = find_checkpoint(config, checkpoint)
+        check_compatible(config, location, manifest)  # refused here, before a task loads the weights
         if config.train.neighbor_mode == "online" and pool is None:
             pool = session.start_pool(manifest)
         task = ray.remote(score_checkpoint).options(name="retro.eval", **evaluation_task_options(config))
-        result = ray.get(task.remote(config, str(location), pool, by_overlap))
+        try:
+            result = ray.get(task.remote(config, str(location), pool, by_overlap))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, RetroError):
+                raise exc.cause from None  # the platform's own message, not a worker traceback
+            raise
         metrics = result["metrics"]
         logger.info("evaluation of %s: %s", location, {k: round(v, 4) for k, v in metrics.items()})
         if result["table"]:

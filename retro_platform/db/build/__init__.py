@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from retro_platform import tracking
 from retro_platform.config import PlatformConfig
 from retro_platform.db.build.pipeline import Build
 from retro_platform.db.manifest import Manifest
@@ -34,6 +33,8 @@ def build_database(config: PlatformConfig) -> Manifest:
     Logs the config as params, counts and per-stage throughput as metrics, and manifest.json as an
     artifact of an MLflow run tagged ``stage=build-db``.
     """
+    from retro_platform import tracking  # here: build workers import this package, and MLflow is heavy
+
     with ray_session(config):
         build = Build(config)
         with tracking.start_run(config, stage="build-db") as run:

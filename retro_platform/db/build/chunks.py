@@ -7,6 +7,7 @@ chunk store. Shard ``s`` of a split holds the documents of bucket ``s`` (empty b
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,21 @@ def prepare_tokenizer(config: PlatformConfig, ledger: Ledger, documents: Documen
     return out
 
 
+def worker_tokenizer(tokenizer_file: str):
+    """The tokenizer of a file, loaded once per worker process and version of the file: ``tokenizers``
+    does not free a tokenizer's cache with it (~5 MB a load), so a task per shard must not load its own."""
+    info = storage.file_info(tokenizer_file)
+    return _cached_tokenizer(str(tokenizer_file), info.size, info.mtime_ns, info.etag)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(tokenizer_file: str, size: int, mtime_ns: int | None, etag: str | None):
+    return load_tokenizer_file(tokenizer_file)
+
+
 def count_bucket(path: str, tokenizer_file: str, chunk_len: int) -> dict[str, int]:
     """Chunks and real tokens of one bucket's documents (one Ray task per bucket)."""
-    tokenizer = load_tokenizer_file(tokenizer_file)
+    tokenizer = worker_tokenizer(tokenizer_file)
     chunks = tokens = 0
     for batch in parquet_file(path).iter_batches(batch_size=1024, columns=["text"]):
         for ids in chunking.document_token_ids(batch.column("text").to_pylist(), tokenizer):
@@ -120,7 +133,7 @@ def write_shard(
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
     docs = [{"id": i, "text": t} for i, t in zip(ids, texts, strict=True)]
     chunks = chunking.chunk_documents(
-        docs, load_tokenizer_file(tokenizer_file), chunk_len, shard["doc_start"], shard["chunk_start"]
+        docs, worker_tokenizer(tokenizer_file), chunk_len, shard["doc_start"], shard["chunk_start"]
     )
     if chunks.num_rows != shard["chunk_end"] - shard["chunk_start"]:
         raise RuntimeError(f"shard {shard['shard']}: chunk count changed between planning and writing")

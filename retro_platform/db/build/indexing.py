@@ -68,7 +68,10 @@ def train_task(
     factory: str, embedding_files: list[str], sizes: list[int], sample: int, use_gpu: bool, out: str
 ) -> str:
     """Train ``factory`` on a seeded sample spread over the shards in proportion to their sizes and write
-    the empty trained index -> its sha256."""
+    the empty trained index -> its sha256 (an index that needs no training, e.g. Flat, reads no sample)."""
+    empty = new_index(factory, int(load_npy(embedding_files[0]).shape[1]))
+    if empty.is_trained:
+        return write_index_atomic(empty, out)
     rng = np.random.default_rng(0)
     total = sum(sizes)
     parts = []
