@@ -56,13 +56,6 @@ MAX_CONFLICTS = 5
 """Conflicting ids a duplicate-check task reports (the error names the first in input order)."""
 
 
-def staging_folder(layout: DatabaseLayout) -> str:
-    """Where `retro add-docs` stages the new documents: next to the database, never inside it (bad input
-    refused half-way leaves the database folder untouched), apart from the build's staging folder."""
-    root = str(layout.root)
-    return storage.join(storage.parent(root), f".{storage.basename(root)}.add-docs")
-
-
 def input_pieces(files: list[str], piece_bytes: int) -> list[Piece]:
     """The corpus pieces of every given file or folder, numbered in the order given (so errors and the
     new documents' order follow the files as given, then their lines/rows/names)."""
@@ -153,7 +146,7 @@ def add_documents(config: PlatformConfig, files: list[str], pool: NeighborPool |
     with ray_session(config):
         manifest = validate_database(config.db_path)
         layout = DatabaseLayout(config.db_path)
-        staging = staging_folder(layout)
+        staging = layout.staging("add-docs")  # apart from the build's
         storage.delete_tree(staging)  # what an interrupted add staged
         try:
             manifest = _add(config, manifest, layout, files, staging)

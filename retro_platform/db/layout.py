@@ -113,6 +113,12 @@ class DatabaseLayout:
         """doc_id of every chunk of one chunk-store shard (int64 [n])."""
         return self.path(f"chunks/{split}/shard-{shard:04d}.doc_ids.npy")
 
+    def staging(self, command: str) -> str:
+        """Where a command (``build``, ``add-docs``) keeps its intermediate files: ``.<name>.<command>``
+        next to the database, never inside it, so input refused half-way leaves the database untouched."""
+        root = str(self.root)
+        return storage.join(storage.parent(root), f".{storage.basename(root)}.{command}")
+
     def relative(self, location: Location) -> str:
         """Location relative to the database root (the form stored in the manifest)."""
         if self.remote:

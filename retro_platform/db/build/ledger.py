@@ -189,10 +189,8 @@ class Ledger:
 
 
 def staging_folder(layout: DatabaseLayout) -> str:
-    """Where a build keeps its intermediate files (bucketed documents, a new tokenizer): next to the
-    database, never inside it, so bad input refused half-way leaves the database folder untouched."""
-    root = str(layout.root)
-    return storage.join(storage.parent(root), f".{storage.basename(root)}.build")
+    """Where a build keeps its intermediate files (bucketed documents, a new tokenizer)."""
+    return layout.staging("build")
 
 
 def remove_staging(layout: DatabaseLayout) -> None:

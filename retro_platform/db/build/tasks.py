@@ -25,7 +25,7 @@ def build_resources(config: PlatformConfig) -> dict[str, float] | None:
 def embed_resources(config: PlatformConfig) -> dict[str, float] | None:
     """What the encoder actors ask for besides CPUs/GPUs: ``ray.embed_resource`` (GPU encoder nodes) when
     set, else the build's resource."""
-    name = getattr(config.ray, "embed_resource", None) or config.ray.build_resource
+    name = config.ray.embed_resource or config.ray.build_resource
     return {name: 0.01} if name else None
 
 
