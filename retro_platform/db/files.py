@@ -10,10 +10,7 @@ copy of a remote one.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +21,6 @@ import pyarrow.parquet as pq
 
 from retro_platform import storage
 from retro_platform.storage import TEMP_PREFIX
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary local path next to ``path`` to write to: renamed over ``path`` when the block ends
-    without error, removed when it raises. The parent folder is created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def is_temporary(name: str) -> bool:
