@@ -28,7 +28,9 @@ baseline's seconds per step). Training seconds are the training loop's own time,
 wall time of each ``run_training`` call is in the JSON too.
 
 Prints one table per corpus (valid bits per byte with retrieval, retrieval off, both baselines, the
-ratios, tokens/s and training seconds per run, mean and spread over seeds, the targets) and, when
+ratios, tokens/s and training seconds per run, mean and spread over seeds, the targets; the
+baseline's *copy floor*, its bits per byte if every valid token RETRO's neighbours contain were free,
+which bounds what copying can gain on this data, and the share of that possible gain RETRO made) and, when
 ``run_evaluation`` returns per-overlap-bucket metrics (keys containing "overlap"), a second table of
 them; appends both with the command, date, git head and machine to ``benchmarks/RESULTS-retrieval.md``
 and writes the raw results as JSON next to the work dir. All runs of one invocation are one MLflow
@@ -276,6 +278,8 @@ COLUMNS = [
     ("RETRO / baseline", "ratio", "{:.3f}x"),
     ("off / baseline", "off_ratio", "{:.3f}x"),
     ("RETRO / baseline (= time)", "ratio_time", "{:.3f}x"),
+    ("copy floor / baseline", "floor_ratio", "{:.3f}x"),
+    ("share of the floor's gain", "floor_share", "{:.0%}"),
     ("tokens/s RETRO", "retro_tps", "{:.0f}"),
     ("tokens/s baseline", "baseline_tps", "{:.0f}"),
     ("tokens/s baseline (= time)", "baseline_time_tps", "{:.0f}"),
@@ -297,6 +301,7 @@ def seed_row(runs: dict[str, Any]) -> dict[str, float | None]:
         "retro_bpb": retro["eval"].get("valid_bpb_retrieval"),
         "retro_off_bpb": retro["eval"].get("valid_bpb_no_retrieval"),
         "baseline_bpb": base["eval"].get("valid_bpb_no_retrieval"),
+        "floor_bpb": base["eval"].get("valid_bpb_no_retrieval_overlap_copy_floor"),
         "baseline_time_bpb": timed["eval"].get("valid_bpb_no_retrieval") if timed else None,
         "retro_tps": retro["tokens_per_s"],
         "baseline_tps": base["tokens_per_s"],
@@ -317,7 +322,11 @@ def seed_row(runs: dict[str, Any]) -> dict[str, float | None]:
         off_ratio=ratio("retro_off_bpb", "baseline_bpb"),
         ratio_time=ratio("retro_bpb", "baseline_time_bpb"),
         retrofit_ratio=ratio("retrofit_bpb", "baseline_bpb"),
+        floor_ratio=ratio("floor_bpb", "baseline_bpb"),
     )
+    possible = None if row["floor_bpb"] is None else row["baseline_bpb"] - row["floor_bpb"]
+    gained = None if row["retro_bpb"] is None else row["baseline_bpb"] - row["retro_bpb"]
+    row["floor_share"] = gained / possible if possible and gained is not None else None
     return row
 
 

@@ -35,20 +35,18 @@ BUCKETS = ("0", "0.0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1.0")
 """Bucket labels (used in metric names): overlap exactly 0, then (0, 0.2], (0.2, 0.4], ..., (0.8, 1]."""
 
 
-def ngram_overlap(
+def covered_tokens(
     chunks: np.ndarray,
     neighbors: np.ndarray,
     pad_id: int,
     ngram: int = OVERLAP_NGRAM,
-    scored: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Fraction of each chunk's scored tokens covered by an n-gram that also occurs in its neighbours.
+    """Which chunk tokens lie inside an n-gram that also occurs in one of the chunk's neighbours.
 
     chunks [c, m] token ids, neighbors [c, k, r] token ids of each chunk's neighbours (chunk +
-    continuation; padding allowed), scored [c, m] bool (default: the chunk's non-padding tokens) ->
-    [c] float64 in [0, 1]. A token counts when it lies inside some window of ``ngram`` consecutive
-    non-padding chunk tokens that appears, as consecutive non-padding tokens, in one neighbour (n-grams
-    never span two neighbours). Chunks with no scored token, or shorter than ``ngram``, get 0.
+    continuation; padding allowed) -> [c, m] bool. A token counts when it lies inside some window of
+    ``ngram`` consecutive non-padding chunk tokens that appears, as consecutive non-padding tokens, in
+    one neighbour (n-grams never span two neighbours). Chunks shorter than ``ngram`` have none.
     """
     chunks = np.asarray(chunks, dtype=np.int64)
     neighbors = np.asarray(neighbors, dtype=np.int64)
@@ -57,10 +55,8 @@ def ngram_overlap(
         raise ValueError(f"neighbors must be [c={c}, k, r], got {neighbors.shape}")
     if ngram < 1:
         raise ValueError(f"ngram must be >= 1, got {ngram}")
-    scored = (chunks != pad_id) if scored is None else (np.asarray(scored, dtype=bool) & (chunks != pad_id))
-    out = np.zeros(c, dtype=np.float64)
     if c == 0 or m < ngram or neighbors.shape[1] == 0 or neighbors.shape[2] < ngram:
-        return out
+        return np.zeros((c, m), dtype=bool)
     own = np.lib.stride_tricks.sliding_window_view(chunks, ngram, axis=1)  # (c, W, n), W = m - n + 1
     theirs = np.lib.stride_tricks.sliding_window_view(neighbors, ngram, axis=2)  # (c, k, r - n + 1, n)
     theirs = theirs.reshape(c, -1, ngram)  # (c, K, n)
@@ -78,7 +74,28 @@ def ngram_overlap(
     matched = np.isin(own_ids, their_ids[theirs_ok]) & own_ok  # (c, W): window starting at j occurs
     # token i is covered when a matched window starts at j in [i - n + 1, i]
     padded = np.pad(matched, ((0, 0), (ngram - 1, ngram - 1)))  # (c, m + n - 1)
-    covered = np.lib.stride_tricks.sliding_window_view(padded, ngram, axis=1).any(axis=-1)  # (c, m)
+    return np.lib.stride_tricks.sliding_window_view(padded, ngram, axis=1).any(axis=-1)  # (c, m)
+
+
+def ngram_overlap(
+    chunks: np.ndarray,
+    neighbors: np.ndarray,
+    pad_id: int,
+    ngram: int = OVERLAP_NGRAM,
+    scored: np.ndarray | None = None,
+    covered: np.ndarray | None = None,
+) -> np.ndarray:
+    """Fraction of each chunk's scored tokens covered by an n-gram that also occurs in its neighbours.
+
+    chunks [c, m], neighbors [c, k, r] (see ``covered_tokens``), scored [c, m] bool (default: the
+    chunk's non-padding tokens) -> [c] float64 in [0, 1]; chunks with no scored token get 0.
+    ``covered`` is ``covered_tokens``' answer when the caller already has it.
+    """
+    chunks = np.asarray(chunks, dtype=np.int64)
+    if covered is None:
+        covered = covered_tokens(chunks, neighbors, pad_id, ngram)
+    scored = (chunks != pad_id) if scored is None else (np.asarray(scored, dtype=bool) & (chunks != pad_id))
+    out = np.zeros(chunks.shape[0], dtype=np.float64)
     counts = scored.sum(axis=1)
     np.divide((covered & scored).sum(axis=1), counts, out=out, where=counts > 0)
     return out
@@ -103,19 +120,35 @@ def sequence_chunk_buckets(
     targets / loss_mask [b, n], neighbors [b, l, k, r] -> [b, l-1] index into ``BUCKETS``, or -1 for a
     chunk left out (its retrieving neighbours are all padding).
     """
+    return sequence_chunk_overlap(targets, loss_mask, neighbors, chunk_len, pad_id, ngram)[0]
+
+
+def sequence_chunk_overlap(
+    targets: np.ndarray,
+    loss_mask: np.ndarray,
+    neighbors: np.ndarray,
+    chunk_len: int,
+    pad_id: int,
+    ngram: int = OVERLAP_NGRAM,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``sequence_chunk_buckets`` and, per target position, whether the neighbours it is predicted
+    with contain it -> (buckets [b, l-1], covered [b, n] bool, scored positions only)."""
     b, n = targets.shape
     m = chunk_len
+    covered_positions = np.zeros((b, n), dtype=bool)
     num_chunks = min(n // m, neighbors.shape[1])
     if num_chunks < 2:
-        return np.zeros((b, 0), dtype=np.int64)
+        return np.zeros((b, 0), dtype=np.int64), covered_positions
     window = slice(m - 1, num_chunks * m - 1)
     chunks = targets[:, window].reshape(b * (num_chunks - 1), m)  # (b*(l-1), m)
     scored = loss_mask[:, window].reshape(b * (num_chunks - 1), m).astype(bool)
     reading = neighbors[:, : num_chunks - 1]  # (b, l-1, k, r): chunk u reads chunk u-1's neighbours
     reading = reading.reshape(b * (num_chunks - 1), *reading.shape[2:])  # (b*(l-1), k, r)
-    buckets = bucket_index(ngram_overlap(chunks, reading, pad_id, ngram, scored))
+    covered = covered_tokens(chunks, reading, pad_id, ngram)
+    buckets = bucket_index(ngram_overlap(chunks, reading, pad_id, ngram, scored, covered))
+    covered_positions[:, window] = (covered & scored & (chunks != pad_id)).reshape(b, -1)
     has_neighbors = (reading != pad_id).any(axis=(1, 2))
-    return np.where(has_neighbors, buckets, -1).reshape(b, num_chunks - 1)
+    return np.where(has_neighbors, buckets, -1).reshape(b, num_chunks - 1), covered_positions
 
 
 def bucket_sums(values: np.ndarray, buckets: np.ndarray, chunk_len: int) -> np.ndarray:
@@ -133,7 +166,14 @@ def bucket_sums(values: np.ndarray, buckets: np.ndarray, chunk_len: int) -> np.n
 
 
 class OverlapTotals:
-    """Scored tokens, bytes, chunks and summed losses per overlap bucket, accumulated over batches."""
+    """Scored tokens, bytes, chunks and summed losses per overlap bucket, accumulated over batches.
+
+    Also the *copy floor* of each setting: its bits per byte if every token that its neighbours
+    contain (inside a shared n-gram) cost nothing and every other token cost what it costs now. For the
+    baseline it is the most that copying from these neighbours can take off the split: tokens of a
+    sequence's first chunk, of a document's first chunk (read with the previous document's
+    neighbours) and of text no neighbour holds keep their cost.
+    """
 
     def __init__(self, chunk_len: int, pad_id: int, token_bytes: np.ndarray, ngram: int = OVERLAP_NGRAM):
         self.chunk_len = chunk_len
@@ -144,24 +184,42 @@ class OverlapTotals:
         self.bytes = np.zeros(len(BUCKETS))
         self.chunks = np.zeros(len(BUCKETS))
         self.losses: dict[str, np.ndarray] = {}
+        self.scored_tokens = 0.0
+        self.scored_bytes = 0.0
+        self.covered_tokens = 0.0
+        self.total_loss: dict[str, float] = {}
+        self.covered_loss: dict[str, float] = {}
         self._batch = None
         self._buckets = np.zeros((0, 0), dtype=np.int64)
+        self._covered = np.zeros((0, 0), dtype=bool)
 
-    def add_batch(self, targets: np.ndarray, loss_mask: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
-        """Bucket a batch's chunks and count their tokens, bytes and chunks -> buckets [b, l-1]."""
-        buckets = sequence_chunk_buckets(
+    def add_batch(
+        self, targets: np.ndarray, loss_mask: np.ndarray, neighbors: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket a batch's chunks and count their tokens, bytes and chunks -> (buckets [b, l-1],
+        covered [b, n]: the positions whose token the neighbours they are predicted with contain)."""
+        buckets, covered = sequence_chunk_overlap(
             targets, loss_mask, neighbors, self.chunk_len, self.pad_id, self.ngram
         )
         mask = loss_mask.astype(bool)
+        target_bytes = np.where(mask, self.token_bytes[targets], 0)
         self.tokens += bucket_sums(mask, buckets, self.chunk_len)
-        self.bytes += bucket_sums(np.where(mask, self.token_bytes[targets], 0), buckets, self.chunk_len)
+        self.bytes += bucket_sums(target_bytes, buckets, self.chunk_len)
         self.chunks += np.bincount(buckets[buckets >= 0], minlength=len(BUCKETS))
-        return buckets
+        self.scored_tokens += float(mask.sum())
+        self.scored_bytes += float(target_bytes.sum())
+        self.covered_tokens += float((covered & mask).sum())
+        return buckets, covered & mask
 
-    def add_losses(self, label: str, token_losses: np.ndarray, buckets: np.ndarray) -> None:
+    def add_losses(
+        self, label: str, token_losses: np.ndarray, buckets: np.ndarray, covered: np.ndarray
+    ) -> None:
         """Add per-position losses [b, n] (nats, zero where not scored) of setting ``label``."""
+        token_losses = np.asarray(token_losses, dtype=np.float64)
         sums = bucket_sums(token_losses, buckets, self.chunk_len)
         self.losses[label] = self.losses.get(label, np.zeros(len(BUCKETS))) + sums
+        self.total_loss[label] = self.total_loss.get(label, 0.0) + float(token_losses.sum())
+        self.covered_loss[label] = self.covered_loss.get(label, 0.0) + float(token_losses[covered].sum())
 
     def observe(self, label: str, batch, token_losses: np.ndarray) -> None:
         """``evaluate_model``'s ``per_token`` callback: bucket a new batch (a ``train.data.Batch`` with
@@ -171,14 +229,23 @@ class OverlapTotals:
                 raise ValueError(
                     "overlap buckets need the batch's neighbours: evaluate with a neighbour mode"
                 )
-            self._buckets = self.add_batch(batch.targets, batch.loss_mask, batch.neighbors)
+            self._buckets, self._covered = self.add_batch(batch.targets, batch.loss_mask, batch.neighbors)
             self._batch = batch
-        self.add_losses(label, token_losses, self._buckets)
+        self.add_losses(label, token_losses, self._buckets, self._covered)
 
     def metrics(self) -> dict[str, float]:
         """``valid_{tokens,chunks}_overlap_<bucket>`` and, for buckets with tokens,
-        ``valid_{loss,bpb}_<label>_overlap_<bucket>`` (token-weighted mean nats; bits per byte)."""
+        ``valid_{loss,bpb}_<label>_overlap_<bucket>`` (token-weighted mean nats; bits per byte);
+        ``valid_overlap_token_fraction`` (scored tokens the neighbours contain, over all scored tokens)
+        and ``valid_bpb_<label>_overlap_copy_floor`` (the class docstring)."""
         out: dict[str, float] = {}
+        if self.scored_tokens:
+            out["valid_overlap_token_fraction"] = self.covered_tokens / self.scored_tokens
+        for label, total in self.total_loss.items():
+            uncovered = total - self.covered_loss[label]
+            out[f"valid_bpb_{label}_overlap_copy_floor"] = uncovered / (
+                math.log(2) * max(1.0, self.scored_bytes)
+            )
         for i, name in enumerate(BUCKETS):
             out[f"valid_tokens_overlap_{name}"] = float(self.tokens[i])
             out[f"valid_chunks_overlap_{name}"] = float(self.chunks[i])

@@ -23,7 +23,14 @@ from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import CheckpointError
 from retro_platform.evaluate import run_evaluation
-from retro_platform.overlap import BUCKETS, bucket_index, bucket_sums, ngram_overlap, sequence_chunk_buckets
+from retro_platform.overlap import (
+    BUCKETS,
+    OverlapTotals,
+    bucket_index,
+    bucket_sums,
+    ngram_overlap,
+    sequence_chunk_buckets,
+)
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
 from retro_platform.train.trainer import run_training
 
@@ -164,6 +171,14 @@ def test_chunk_u_is_bucketed_by_the_neighbours_it_reads_those_of_chunk_u_minus_1
     positions = np.arange(12, dtype=np.float64)[None]
     sums = bucket_sums(positions, buckets, m)
     assert sums[5] == 3 + 4 + 5 + 6 and sums[0] == 7 + 8 + 9 + 10 and sums.sum() == sums[0] + sums[5]
+    # the copy floor: every scored token costs 1 nat and 1 byte, except chunk 1's four, which it reads
+    totals = OverlapTotals(m, pad, np.ones(16), ngram=4)
+    buckets, covered = totals.add_batch(targets, loss_mask, neighbors)
+    assert np.flatnonzero(covered[0]).tolist() == [3, 4, 5, 6]  # the targets 5..8
+    totals.add_losses("retrieval", loss_mask.astype(np.float64), buckets, covered)
+    floor = totals.metrics()
+    assert floor["valid_overlap_token_fraction"] == pytest.approx(4 / 11)
+    assert floor["valid_bpb_retrieval_overlap_copy_floor"] == pytest.approx(7 / (11 * math.log(2)))
     neighbors[0, 0] = pad  # chunk 1's retrieving neighbours are all padding: left out
     assert sequence_chunk_buckets(targets, loss_mask, neighbors, m, pad, ngram=4).tolist() == [[-1, 0]]
 
