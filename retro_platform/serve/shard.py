@@ -34,7 +34,7 @@ class ShardActor:
         self,
         db_path: str,
         shard: int,
-        nprobe: int = 16,
+        nprobe: int = 32,
         ef_search: int = 64,
         blas_threshold: int = 16,
         threads: int = 1,
