@@ -499,7 +499,9 @@ def main() -> None:
     parser.add_argument("--report", default=None, help="print the report of a --json file, build nothing")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child: one size
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from retro_platform.output import configure_output
+
+    configure_output(verbose=False, native_stderr=True)  # the `retro` commands' quiet output
     if args.one is not None:
         print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
         return

@@ -525,7 +525,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run every corpus and seed, print the tables, append them to the results file, write the JSON."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from retro_platform.output import configure_output
+
+    configure_output(verbose=False, native_stderr=argv is None)  # the `retro` commands' quiet output
     import ray
 
     from retro_platform.compare import compare_experiment

@@ -395,7 +395,9 @@ def main() -> None:
     parser.add_argument("--before", action="store_true", help="also run the loader before memory mapping")
     parser.add_argument("--work", default=str(ROOT / "work" / "bench-memory"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from retro_platform.output import configure_output
+
+    configure_output(verbose=False, native_stderr=True)  # the `retro` commands' quiet output
     import ray
 
     from retro_platform.checkpoints import model_for_database

@@ -216,7 +216,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6, help="online blocks of the paired run")
     parser.add_argument("--block", type=int, default=40, help="steps per block of the paired run")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from retro_platform.output import configure_output
+
+    configure_output(verbose=False, native_stderr=True)  # the `retro` commands' quiet output
     import ray
 
     from retro_platform.config import load_config
