@@ -50,6 +50,12 @@ def run_cli(capsys, *argv: str) -> str:
     return last
 
 
+def refused_build(capsys, work, *settings: str) -> str:
+    """`retro build-db --config debug --set work_dir=<work> --set <setting>...` -> its error line."""
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
+    return run_cli(capsys, "build-db", "--config", "debug", "--set", f"work_dir={work}", *overrides)
+
+
 def files_under(root: Path) -> dict[str, bytes]:
     """{relative path: bytes} of every file under root (empty if it does not exist)."""
     if not root.exists():
@@ -65,16 +71,7 @@ def test_bad_corpus_is_refused_naming_file_and_line_and_nothing_is_written(
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_bytes(content)
     work = tmp_path / "work"
-    err = run_cli(
-        capsys,
-        "build-db",
-        "--config",
-        "debug",
-        "--set",
-        f"work_dir={work}",
-        "--set",
-        f"database.corpus.source={corpus}",
-    )
+    err = refused_build(capsys, work, f"database.corpus.source={corpus}")
     assert message in err and str(corpus) in err
     assert not (work / "db").exists()
 
@@ -90,7 +87,7 @@ def test_bad_corpus_is_refused_naming_file_and_line_and_nothing_is_written(
 )
 def test_bad_config_values_name_the_setting_and_write_nothing(tmp_path, capsys, setting, message):
     work = tmp_path / "work"
-    err = run_cli(capsys, "build-db", "--config", "debug", "--set", f"work_dir={work}", "--set", setting)
+    err = refused_build(capsys, work, setting)
     assert message in err
     assert not work.exists()
 
@@ -99,16 +96,7 @@ def test_unknown_preset_and_missing_corpus_file(tmp_path, capsys):
     err = run_cli(capsys, "build-db", "--config", "no-such-preset", "--set", f"work_dir={tmp_path}")
     assert "no preset named 'no-such-preset'" in err and "debug" in err
     missing = tmp_path / "missing.jsonl"
-    err = run_cli(
-        capsys,
-        "build-db",
-        "--config",
-        "debug",
-        "--set",
-        f"work_dir={tmp_path}",
-        "--set",
-        f"database.corpus.source={missing}",
-    )
+    err = refused_build(capsys, tmp_path, f"database.corpus.source={missing}")
     assert str(missing) in err
     assert not (tmp_path / "db").exists()
 
@@ -121,16 +109,7 @@ def test_index_that_cannot_be_built_is_refused_before_anything_is_written(
     ray_session, tmp_path, capsys, factory, message
 ):
     work = tmp_path / "work"
-    err = run_cli(
-        capsys,
-        "build-db",
-        "--config",
-        "debug",
-        "--set",
-        f"work_dir={work}",
-        "--set",
-        f"database.index.factory={factory}",
-    )
+    err = refused_build(capsys, work, f"database.index.factory={factory}")
     assert message in err and "database.index.factory" in err
     assert not (work / "db").exists()
 
@@ -138,9 +117,7 @@ def test_index_that_cannot_be_built_is_refused_before_anything_is_written(
 def test_unreachable_tracking_uri_fails_fast_and_writes_nothing(ray_session, tmp_path, capsys):
     work = tmp_path / "work"
     uri = "http://127.0.0.1:9"  # the discard port: nothing listens there
-    err = run_cli(
-        capsys, "build-db", "--config", "debug", "--set", f"work_dir={work}", "--set", f"tracking.uri={uri}"
-    )
+    err = refused_build(capsys, work, f"tracking.uri={uri}")
     assert uri in err and "cannot be reached" in err and "tracking.uri" in err
     assert not (work / "db").exists()
 
