@@ -260,10 +260,10 @@ def test_auto_index_rule():
     assert choose_factory(10_000, 384, memory_budget_gb=0.001).startswith("IVF")
     assert choose_factory(500_000, 384, memory_budget_gb=0.1).startswith("IVF")
     # 4 * sqrt(n) lists searched through an HNSW graph, dim / 8 code bytes, fp16 copies re-rank (issue 15)
-    assert choose_factory(50_000_000, 384) == "IVF32768_HNSW32,PQ96x4fs,Refine(SQfp16)"
+    assert choose_factory(50_000_000, 384) == "IVF32768,PQ96x4fs,Refine(SQfp16)"
     # the sample no longer caps the lists: train_sample_size raises it to 39 per list
-    assert choose_factory(50_000_000, 384, train_sample=100_000) == "IVF32768_HNSW32,PQ96x4fs,Refine(SQfp16)"
-    assert train_sample_size("IVF32768_HNSW32,PQ96x4fs,Refine(SQfp16)", 50_000_000, 100_000) == 39 * 32768
+    assert choose_factory(50_000_000, 384, train_sample=100_000) == "IVF32768,PQ96x4fs,Refine(SQfp16)"
+    assert train_sample_size("IVF32768,PQ96x4fs,Refine(SQfp16)", 50_000_000, 100_000) == 39 * 32768
     with pytest.raises(DatabaseError, match="needs at least 1024 training vectors"):
         train_index("IVF1024,Flat", np.random.rand(100, 16).astype(np.float32))
 

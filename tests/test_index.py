@@ -9,10 +9,10 @@ import pytest
 
 from retro_platform.db.index import (
     DEFAULT_K_FACTOR,
-    HNSW_QUANTIZER_LISTS,
     MAX_LISTS,
     MIN_TRAIN_PER_LIST,
     MMAP_READ_FLAGS,
+    QUANTIZER_ADD_EF_SEARCH,
     choose_factory,
     fill_index,
     ivf_lists,
@@ -43,7 +43,11 @@ def test_ivf_pq_refine_is_exact_when_the_short_list_covers_the_index(tmp_path, q
     dim, n, k = 64, 4000, 4
     base, queries = clustered(n, dim, 0), clustered(50, dim, 1)
     factory = f"{quantizer},PQ16x4fs,Refine(SQfp16)"
-    index = fill_index(train_index(factory, base[:2000]), base, block=1000)
+    trained = train_index(factory, base[:2000])
+    if quantizer.endswith("HNSW32"):  # vectors go to the lists a deep graph search finds
+        quantizer_index = faiss.extract_index_ivf(trained).quantizer
+        assert faiss.downcast_index(quantizer_index).hnsw.efSearch == QUANTIZER_ADD_EF_SEARCH
+    index = fill_index(trained, base, block=1000)
     assert index.ntotal == n and faiss.downcast_index(index).k_factor == DEFAULT_K_FACTOR
     path = str(tmp_path / "shard.faiss")
     faiss.write_index(index, path)
@@ -92,7 +96,7 @@ def test_auto_lists_grow_with_the_data_and_get_39_training_vectors_each():
         factory = choose_factory(n, 384, train_sample=100_000)
         nlist = ivf_lists(n)
         assert factory.startswith(f"IVF{nlist}")
-        assert ("_HNSW32" in factory) == (nlist >= HNSW_QUANTIZER_LISTS)
+        assert "HNSW" not in factory  # flat (exact) coarse quantizer at every size
         assert train_sample_size(factory, n, 100_000) >= MIN_TRAIN_PER_LIST * nlist  # auto raises it
         assert train_sample_size(factory, n, 5_000_000) == min(n, 5_000_000)  # never lowers it
     # small databases: the lists shrink so the data itself gives 39 vectors to each
@@ -114,6 +118,6 @@ def test_auto_factories_are_buildable():
                 seen.add(factory.split("IVF")[0] + factory.split(",", 1)[-1])
                 index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
                 assert index.d == dim and index.metric_type == faiss.METRIC_INNER_PRODUCT
-    assert choose_factory(10**7, 384) == "IVF16384_HNSW32,PQ96x4fs,Refine(SQfp16)"
-    assert choose_factory(10**7, 384, memory_budget_gb=1.0) == "IVF16384_HNSW32,PQ96x4fs"  # 56 B/vector
+    assert choose_factory(10**7, 384) == "IVF16384,PQ96x4fs,Refine(SQfp16)"
+    assert choose_factory(10**7, 384, memory_budget_gb=1.0) == "IVF16384,PQ96x4fs"  # 56 B/vector
     assert len(seen) > 5

@@ -8,7 +8,7 @@ their width, the budget ``database.index.memory_budget_gb`` (None = unlimited):
     recall; a 1M-vector graph already takes ~8 minutes to add on 2 cores, is held whole in memory and
     cannot be memory-mapped; 1M is also where autofaiss stops considering unquantized indexes
     (``ivf_flat_threshold``) and where the FAISS wiki's guidelines move to ``IVF65536_HNSW32``);
-  * otherwise ``IVF{nlist}[_HNSW32],PQ{dim/4}x4fs,Refine(SQfp16)``:
+  * otherwise ``IVF{nlist},PQ{dim/4}x4fs,Refine(SQfp16)``:
 
     - ``nlist`` = 4*sqrt(n) rounded to a power of two (the low end of the FAISS wiki's 4-16*sqrt(n)),
       so a query that scans ``nprobe`` lists reads nprobe * sqrt(n)/4 codes instead of a fixed share
@@ -19,11 +19,16 @@ their width, the budget ``database.index.memory_budget_gb`` (None = unlimited):
       lists halves the share of the data nprobe lists cover. On real MiniLM embeddings of the packaged
       corpus recall@2 at nprobe 16 falls from 0.961 to 0.920 as the lists go 128 -> 1,024; nprobe 32
       (the default) keeps it at 0.990 -> 0.955 (benchmarks/RESULTS-pool.md).
-    - the coarse quantizer is an HNSW32 graph from 16,384 lists on (``IVF{nlist}_HNSW32``, n >= ~8.4M):
-      a flat quantizer compares every query with every centroid, ~1 ms for one query at 16k lists of
-      384-d on one core (~15M vectors/s), more than scanning nprobe lists; autofaiss uses ``_HNSW32``
-      from 1,000 lists, the FAISS wiki with 65,536 lists, Megatron-LM ``_HNSW8``/``_HNSW32``. Its
-      efSearch is kept >= 2*nprobe (autofaiss pairs efSearch = 2*nprobe).
+    - the coarse quantizer is flat (exact) at every list count. autofaiss uses an HNSW32 graph
+      (``IVF{nlist}_HNSW32``) from 1,000 lists, the FAISS wiki from 65,536, Megatron-LM ``_HNSW8`` /
+      ``_HNSW32``, and ``auto`` did from 16,384 lists until it was measured: at 10M clustered vectors
+      ``IVF16384_HNSW32,PQ96x4fs,Refine(SQfp16)`` found recall@2 0.48-0.53 (nprobe 16-32, k_factor 64
+      or 256), because the graph assigns vectors to lists approximately, at add time with FAISS's
+      default efSearch 16: over 16,384 centroids of that data HNSW32 returns the nearest centroid for
+      27% of vectors at efSearch 16, 55% at 64, 91% at 256 (benchmarks/RESULTS-pool.md). A flat
+      quantizer costs nlist * dim multiply-adds a query (6.3M at 16k lists of 384-d, batched as a
+      matrix product); a user who wants the graph passes the factory, and then vectors are added
+      with efSearch ``QUANTIZER_ADD_EF_SEARCH`` and searched with efSearch >= 2*nprobe.
     - codes: 4-bit fast-scan PQ, ``dim/4`` sub-quantizers (dim/8 bytes a vector: 48 for MiniLM's 384,
       as many as the 8-bit ``PQ{dim/8}`` it replaces, but scanned with SIMD and trained in a fraction
       of the time: benchmarks/RESULTS-pool.md). autofaiss and Megatron-LM use OPQ + 8-bit PQ without
@@ -79,8 +84,10 @@ MIN_TRAIN_PER_LIST = 39
 MIN_LISTS = 16
 MAX_LISTS = 65_536
 """``auto``'s largest IVF list count (Megatron-LM's Wikipedia index; autofaiss for 10-300M vectors)."""
-HNSW_QUANTIZER_LISTS = 16_384
-"""``auto`` searches the IVF centroids with an HNSW32 graph from this many lists on."""
+QUANTIZER_ADD_EF_SEARCH = 256
+"""efSearch of an HNSW coarse quantizer (a given ``IVF{n}_HNSW{m}`` factory) while vectors are added:
+each vector goes to the list the graph finds, so a low value scatters neighbours over wrong lists
+(FAISS's default 16 finds the nearest of 16,384 centroids for 27% of vectors here; 256: 91%)."""
 MAX_TRAIN_SAMPLE = MIN_TRAIN_PER_LIST * MAX_LISTS
 """Largest sample ``train_sample_size`` raises an IVF index's training sample to (2,555,904)."""
 DEFAULT_K_FACTOR = 64
@@ -133,7 +140,7 @@ def choose_factory(
     if n_vectors < HNSW_MAX_VECTORS and n_vectors * (dim * 4 + 8 * 32) <= budget:
         return "HNSW32"
     nlist = ivf_lists(n_vectors)
-    quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}"
+    quantizer = f"IVF{nlist}"
     codes = pq_codes(dim)
     if n_vectors * (code_bytes(codes, dim) + 2 * dim) <= budget:
         return f"{quantizer},{codes},Refine(SQfp16)"
@@ -221,7 +228,12 @@ def train_index(factory: str, sample: np.ndarray, use_gpu: bool = False) -> fais
         )
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(flat)  # k-means on the GPU
     work.train(sample)
-    return faiss.index_gpu_to_cpu(work) if on_gpu else work
+    trained = faiss.index_gpu_to_cpu(work) if on_gpu else work
+    if (ivf := faiss.try_extract_index_ivf(trained)) is not None:
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):  # saved with the index: every fill adds with it
+            quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, QUANTIZER_ADD_EF_SEARCH)
+    return trained
 
 
 def fill_index(trained: faiss.Index, vectors: np.ndarray, block: int, use_gpu: bool = False) -> faiss.Index:
