@@ -50,11 +50,14 @@ DRIVER = textwrap.dedent(
         }
 
     t0 = time.monotonic()
+    # the nodes seen right after each stage (a stage's node may idle out while the next one starts)
     build_node = ray.get(build_stage.remote(), timeout=120)
+    scaled_up = alive_workers()
     train_node = ray.get(train_stage.remote(), timeout=120)
+    scaled_up.update(alive_workers())
     shard = ShardStandIn.remote()
     serve_node = ray.get(shard.node.remote(), timeout=120)
-    scaled_up = alive_workers()
+    scaled_up.update(alive_workers())
     ray.kill(shard)  # the pool is shut down: its node becomes idle
     up_s = time.monotonic() - t0
     deadline = time.monotonic() + 120
