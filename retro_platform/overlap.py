@@ -107,22 +107,6 @@ def bucket_index(fractions: np.ndarray) -> np.ndarray:
     return np.where(fractions <= 0, 0, np.clip(np.ceil(fractions * 5 - 1e-9), 1, 5)).astype(np.int64)
 
 
-def sequence_chunk_buckets(
-    targets: np.ndarray,
-    loss_mask: np.ndarray,
-    neighbors: np.ndarray,
-    chunk_len: int,
-    pad_id: int,
-    ngram: int = OVERLAP_NGRAM,
-) -> np.ndarray:
-    """Bucket of chunks 1 .. l-1 of each sequence (see the module docstring for which tokens they are).
-
-    targets / loss_mask [b, n], neighbors [b, l, k, r] -> [b, l-1] index into ``BUCKETS``, or -1 for a
-    chunk left out (its retrieving neighbours are all padding).
-    """
-    return sequence_chunk_overlap(targets, loss_mask, neighbors, chunk_len, pad_id, ngram)[0]
-
-
 def sequence_chunk_overlap(
     targets: np.ndarray,
     loss_mask: np.ndarray,
@@ -131,8 +115,13 @@ def sequence_chunk_overlap(
     pad_id: int,
     ngram: int = OVERLAP_NGRAM,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``sequence_chunk_buckets`` and, per target position, whether the neighbours it is predicted
-    with contain it -> (buckets [b, l-1], covered [b, n] bool, scored positions only)."""
+    """The overlap bucket of chunks 1 .. l-1 of each sequence (see the module docstring for which
+    tokens they are) and, per target position, whether the neighbours it is predicted with contain it.
+
+    targets / loss_mask [b, n], neighbors [b, l, k, r] -> (buckets [b, l-1] index into ``BUCKETS``, or
+    -1 for a chunk left out (its retrieving neighbours are all padding); covered [b, n] bool, scored
+    positions only).
+    """
     b, n = targets.shape
     m = chunk_len
     covered_positions = np.zeros((b, n), dtype=bool)
@@ -154,7 +143,7 @@ def sequence_chunk_overlap(
 def bucket_sums(values: np.ndarray, buckets: np.ndarray, chunk_len: int) -> np.ndarray:
     """Per-position values [b, n] (zero where not scored) summed over each bucket's chunks -> [len(BUCKETS)].
 
-    ``buckets`` [b, l-1] comes from ``sequence_chunk_buckets``; chunk u covers positions
+    ``buckets`` [b, l-1] comes from ``sequence_chunk_overlap``; chunk u covers positions
     ``u*m - 1 .. (u+1)*m - 2``; chunks marked -1 are left out.
     """
     b, chunks = buckets.shape

@@ -29,7 +29,7 @@ from retro_platform.overlap import (
     bucket_index,
     bucket_sums,
     ngram_overlap,
-    sequence_chunk_buckets,
+    sequence_chunk_overlap,
 )
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
 from retro_platform.train.trainer import run_training
@@ -165,7 +165,7 @@ def test_chunk_u_is_bucketed_by_the_neighbours_it_reads_those_of_chunk_u_minus_1
     neighbors[0, 0, 0, :4] = [5, 6, 7, 8]  # chunk 0's neighbour holds chunk 1: what chunk 1's tokens read
     neighbors[0, 1, 0, :4] = [5, 6, 7, 8]  # chunk 1's neighbour holds chunk 1 too, but chunk 2 reads it
     neighbors[0, 2, 0, :4] = [9, 10, 11, 12]  # chunk 2's own tokens, read by nothing in the sequence
-    buckets = sequence_chunk_buckets(targets, loss_mask, neighbors, m, pad, ngram=4)
+    buckets = sequence_chunk_overlap(targets, loss_mask, neighbors, m, pad, ngram=4)[0]
     assert buckets.tolist() == [[5, 0]]  # chunk 1: fully overlapped; chunk 2: none
     # chunk u's targets are at positions u*m - 1 .. (u+1)*m - 2; the first m-1 and the last are left out
     positions = np.arange(12, dtype=np.float64)[None]
@@ -180,7 +180,7 @@ def test_chunk_u_is_bucketed_by_the_neighbours_it_reads_those_of_chunk_u_minus_1
     assert floor["valid_overlap_token_fraction"] == pytest.approx(4 / 11)
     assert floor["valid_bpb_retrieval_overlap_copy_floor"] == pytest.approx(7 / (11 * math.log(2)))
     neighbors[0, 0] = pad  # chunk 1's retrieving neighbours are all padding: left out
-    assert sequence_chunk_buckets(targets, loss_mask, neighbors, m, pad, ngram=4).tolist() == [[-1, 0]]
+    assert sequence_chunk_overlap(targets, loss_mask, neighbors, m, pad, ngram=4)[0].tolist() == [[-1, 0]]
 
 
 def scored_tokens_in_chunks_with_neighbours(config, k):
