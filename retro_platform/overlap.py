@@ -197,8 +197,8 @@ class OverlapTotals:
         self.chunks += np.bincount(buckets[buckets >= 0], minlength=len(BUCKETS))
         self.scored_tokens += float(mask.sum())
         self.scored_bytes += float(target_bytes.sum())
-        self.covered_tokens += float((covered & mask).sum())
-        return buckets, covered & mask
+        self.covered_tokens += float(covered.sum())
+        return buckets, covered
 
     def add_losses(
         self, label: str, token_losses: np.ndarray, buckets: np.ndarray, covered: np.ndarray
