@@ -97,6 +97,11 @@ class CorpusConfig:
     nearly every chunk has an exact twin in the database: the setting that shows whether a model reads
     its neighbours (the demo and ``benchmarks/retrieval_gain.py`` use it). ``max_documents`` counts
     documents before mirroring."""
+    exclude_ids: list[str] = field(default_factory=list)
+    """Ids of corpus documents to leave out of the database, and so out of training (integers are read as
+    their decimal strings, as corpus ids are). They are skipped as they are read, like empty documents:
+    they do not count towards ``max_documents`` and a mirrored corpus has no twin of them. Every id must
+    be in the corpus. `retro demo` holds one document out this way for its knowledge update."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.valid_fraction < 1.0, "database.corpus.valid_fraction", "must be in [0, 1)")
@@ -106,6 +111,22 @@ class CorpusConfig:
             "must be >= 1 or null",
         )
         _check(self.piece_mb > 0, "database.corpus.piece_mb", "must be > 0")
+        _check(
+            isinstance(self.exclude_ids, (list, tuple)),
+            "database.corpus.exclude_ids",
+            f"must be a list of document ids, got {self.exclude_ids!r}",
+        )
+        ids, seen, repeated = [], set(), set()
+        for doc_id in self.exclude_ids:
+            _check(
+                isinstance(doc_id, (str, int)) and not isinstance(doc_id, bool) and str(doc_id) != "",
+                "database.corpus.exclude_ids",
+                f"ids must be non-empty strings or integers, got {doc_id!r}",
+            )
+            ids.append(str(doc_id))
+            (repeated if ids[-1] in seen else seen).add(ids[-1])
+        _check(not repeated, "database.corpus.exclude_ids", f"lists {sorted(repeated)} more than once")
+        self.exclude_ids = ids
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -187,3 +189,30 @@ def test_big_files_are_read_in_pieces_that_give_the_same_documents_and_line_numb
     docs = read_documents(str(parquet), use_ray=False, piece_bytes=1)
     assert [d["id"] for d in docs] == table.column("id").to_pylist()
     assert docs[33]["where"] == f"{parquet}, row 33"
+
+
+def test_excluded_ids_are_left_out_uncounted_must_exist_and_the_build_reader_agrees(tmp_path):
+    from retro_platform.db.build.documents import map_piece
+    from retro_platform.db.corpus import corpus_pieces, iter_documents
+    from retro_platform.errors import ConfigError
+
+    path = tmp_path / "c.jsonl"
+    rows = [("a", "alpha"), ("b", "beta"), ("e", ""), (3, "three"), ("c", "gamma"), ("d", "delta")]
+    path.write_text("".join(json.dumps({"id": doc_id, "text": text}) + "\n" for doc_id, text in rows))
+    assert [d["id"] for d in iter_documents(str(path))] == ["a", "b", "e", "3", "c", "d"]
+    config = CorpusConfig(source=str(path), max_documents=3, valid_fraction=0.0, exclude_ids=["b", 3])
+    assert config.exclude_ids == ["b", "3"]  # integer ids are read as corpus ids are
+    corpus = load_documents(config, use_ray=False)
+    # excluded documents do not count towards max_documents, nor as empty
+    assert [d["id"] for d in corpus.train] == ["a", "c", "d"] and corpus.empty == 1
+    mirrored = load_documents(CorpusConfig(**{**vars(config), "mirror": True}), use_ray=False)
+    assert [d["id"] for d in mirrored.train] == ["a", "c", "d", "a#mirror", "c#mirror", "d#mirror"]
+    # the build's reader tasks: the same documents left out, and the same counts
+    (piece,) = corpus_pieces(str(path))
+    stats = map_piece(piece, None, {"train": 1, "valid": 1}, 0.0, True, frozenset(config.exclude_ids))
+    assert stats["excluded"] == ["b", "3"] and stats["n_read"] == 6 and stats["empty_before"] == [1]
+    with pytest.raises(CorpusError, match=r"exclude_ids: 1 id\(s\) not in corpus .*c\.jsonl: 'zz'"):
+        load_documents(CorpusConfig(source=str(path), exclude_ids=["a", "zz"]), use_ray=False)
+    for bad, message in (([""], "non-empty"), (["a", "a"], r"lists \['a'\] more than once"), ("a", "a list")):
+        with pytest.raises(ConfigError, match=f"database.corpus.exclude_ids: .*{message}"):
+            CorpusConfig(exclude_ids=bad)

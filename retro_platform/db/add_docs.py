@@ -74,7 +74,12 @@ def reader_config(config: PlatformConfig, files: list[str]) -> PlatformConfig:
     (the new shard), every document kept, nothing held out or mirrored."""
     db = config.database
     corpus = dataclasses.replace(
-        db.corpus, source=", ".join(files), max_documents=None, valid_fraction=0.0, mirror=False
+        db.corpus,
+        source=", ".join(files),
+        max_documents=None,
+        valid_fraction=0.0,
+        mirror=False,
+        exclude_ids=[],
     )
     return dataclasses.replace(config, database=dataclasses.replace(db, num_shards=1, corpus=corpus))
 

@@ -18,6 +18,7 @@ import importlib.util
 import io
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,32 @@ def read_documents(source: str, use_ray: bool = True, piece_bytes: int = 64 << 2
     return [doc for docs, _ in results for doc in docs]
 
 
+def iter_documents(source: str, piece_bytes: int = 64 << 20) -> Iterator[dict[str, str]]:
+    """Validated documents of a corpus in corpus order, parsed one piece at a time in this process: a
+    caller that stops early reads only the start of the corpus (``retro demo``'s checks and hold-out).
+    Errors name the file and line (counted from the start of the file), row or entry."""
+    offset, path = 0, None
+    for piece in corpus_pieces(source, piece_bytes):
+        if piece.kind == "jsonl":
+            if piece.paths[0] != path:
+                offset, path = 0, piece.paths[0]
+            piece = dataclasses.replace(piece, line_offset=offset)
+            offset += piece_line_count(piece)
+        yield from parse_piece(piece)[0]
+
+
+def missing_exclusions(config: CorpusConfig, found: set[str]) -> None:
+    """Refuse ``database.corpus.exclude_ids`` that the corpus does not hold (``found``: the excluded ids
+    that were read): a misspelt id would otherwise leave its document in the database unnoticed."""
+    missing = [doc_id for doc_id in config.exclude_ids if doc_id not in found]
+    if missing:
+        shown = ", ".join(repr(doc_id) for doc_id in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CorpusError(
+            f"database.corpus.exclude_ids: {len(missing)} id(s) not in corpus {config.source}: {shown}; "
+            "list ids of the corpus's documents"
+        )
+
+
 def corpus_digest(source: str, piece_bytes: int = 64 << 20) -> str:
     """sha256 over the corpus pieces' digests: a rebuild notices a changed corpus. (The build computes
     the same digest from its reader tasks instead of reading the corpus here.)"""
@@ -388,9 +415,11 @@ class Corpus:
 
 
 def load_documents(config: CorpusConfig, use_ray: bool = True) -> Corpus:
-    """Read, validate, de-duplicate-check, cut to max_documents, skip empties, split train/valid."""
+    """Read, validate, de-duplicate-check, leave out ``exclude_ids``, cut to max_documents, skip empties,
+    split train/valid."""
     docs = read_documents(config.source, use_ray=use_ray)
     corpus = Corpus(read=len(docs))
+    excluded = set(config.exclude_ids)
     seen: dict[str, int] = {}
     for index, doc in enumerate(docs):
         if doc["id"] in seen:
@@ -399,8 +428,11 @@ def load_documents(config: CorpusConfig, use_ray: bool = True) -> Corpus:
                 f"{doc['where']}: duplicate document id {doc['id']!r} (first seen at {first}); ids must be unique"
             )
         seen[doc["id"]] = index
+    missing_exclusions(config, excluded & set(seen))
     kept = []
     for doc in docs:
+        if doc["id"] in excluded:
+            continue
         if not doc["text"].strip():
             corpus.empty += 1
             continue

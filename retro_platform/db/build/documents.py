@@ -4,9 +4,10 @@ A map over the corpus's reader pieces (Ray Data, one task per piece, in parallel
 nodes) parses and validates each piece and writes its documents, split train/valid by a stable hash
 of the id, into per-bucket files (the bucket is another stable hash of the id); a task per bucket
 then gathers its files, checks ids are unique (equal ids share a bucket, so the check is local),
-applies ``max_documents`` and writes the bucket's documents in corpus order. Nothing but per-piece and
-per-bucket counts reaches the driver. Every file goes to the staging folder next to the database:
-input refused at any point leaves the database folder untouched.
+applies ``max_documents`` and writes the bucket's documents in corpus order (documents named in
+``database.corpus.exclude_ids`` are checked like the others, then never kept nor counted). Nothing but
+per-piece and per-bucket counts reaches the driver. Every file goes to the staging folder next to the
+database: input refused at any point leaves the database folder untouched.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from retro_platform.db.corpus import (
     Piece,
     combine_digests,
     corpus_pieces,
+    missing_exclusions,
     number_lines,
     parse_piece,
     piece_line_count,
@@ -55,7 +57,8 @@ STAGED_SCHEMA = pa.schema(
     ]
 )
 """A piece's documents in one bucket: ``row`` is the position in the piece, ``rank`` the position among
-its non-empty documents (-1 for an empty one), ``copy`` 1 for the ``#mirror`` twin of a document."""
+its non-empty documents that are kept (-1 for an empty or excluded one), ``copy`` 1 for the ``#mirror``
+twin of a document."""
 
 DOCUMENT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("title", pa.string())])
 """A bucket's documents, in corpus order (originals, then mirror copies)."""
@@ -116,22 +119,41 @@ def documents_path(staging: str, split: str, bucket: int) -> str:
 
 
 def map_piece(
-    piece: Piece, staging: str | None, buckets: dict[str, int], valid_fraction: float, mirror: bool
+    piece: Piece,
+    staging: str | None,
+    buckets: dict[str, int],
+    valid_fraction: float,
+    mirror: bool,
+    exclude: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Parse one piece and (unless ``staging`` is None) write its documents into bucket files -> its
-    counts, digest, and the first error (a value: Ray does not carry the exception's type back)."""
+    counts, digest, the ids of ``exclude`` it held (left out of the database and of every count), and the
+    first error (a value: Ray does not carry the exception's type back)."""
     try:
         docs, digest = parse_piece(piece)
     except CorpusError as exc:
-        return {"piece": piece.index, "error": str(exc), "digest": "", "n_read": 0, "empty_before": []}
+        return {
+            "piece": piece.index,
+            "error": str(exc),
+            "digest": "",
+            "n_read": 0,
+            "empty_before": [],
+            "excluded": [],
+        }
     rows: dict[tuple[str, int], dict[str, list]] = {}
     empty_before: list[int] = []  # for each empty document, the non-empty ones before it in the piece
+    excluded: list[str] = []
     rank = 0
     for row, doc in enumerate(docs):
-        empty = not doc["text"].strip()
-        if empty:
+        # an excluded document is staged (so the bucket still checks its id is unique) with rank -1, which
+        # the bucket never keeps, and is not counted: not as empty, not towards max_documents
+        left_out = doc["id"] in exclude
+        empty = not left_out and not doc["text"].strip()
+        if left_out:
+            excluded.append(doc["id"])
+        elif empty:
             empty_before.append(rank)
-        copies = [doc["id"]] + ([doc["id"] + MIRROR_SUFFIX] if mirror and not empty else [])
+        copies = [doc["id"]] + ([doc["id"] + MIRROR_SUFFIX] if mirror and not (empty or left_out) else [])
         for copy, doc_id in enumerate(copies):
             split = stable_split(doc_id, valid_fraction)
             key = (split, bucket_of(doc_id, buckets[split]))
@@ -143,11 +165,11 @@ def map_piece(
                 ("where", doc["where"]),
                 ("piece", piece.index),
                 ("row", row),
-                ("rank", -1 if empty else rank),
+                ("rank", -1 if empty or left_out else rank),
                 ("copy", copy),
             ):
                 columns[name].append(value)
-        rank += 0 if empty else 1
+        rank += 0 if empty or left_out else 1
     if staging is not None:
         for (split, bucket), columns in rows.items():
             table = pa.Table.from_pydict(columns, schema=STAGED_SCHEMA)
@@ -158,6 +180,7 @@ def map_piece(
         "digest": digest,
         "n_read": len(docs),
         "empty_before": empty_before,
+        "excluded": excluded,
     }
 
 
@@ -216,9 +239,11 @@ def stage_documents(config: PlatformConfig, staging: str, pieces: list[Piece] | 
         )
         pieces = number_lines(pieces, counts)
     buckets = bucket_counts(config, pieces)
+    exclude = frozenset(corpus.exclude_ids)
 
     def parse(row: dict[str, Any]) -> dict[str, Any]:
-        return map_piece(pieces[row["piece"]], staging, buckets, corpus.valid_fraction, corpus.mirror)
+        piece = pieces[row["piece"]]
+        return map_piece(piece, staging, buckets, corpus.valid_fraction, corpus.mirror, exclude)
 
     items = [{"piece": p.index} for p in pieces]
     stats = (
@@ -230,11 +255,12 @@ def stage_documents(config: PlatformConfig, staging: str, pieces: list[Piece] | 
     errors = [r["error"] for r in stats if r["error"]]
     if errors:
         raise CorpusError(errors[0])
+    missing_exclusions(corpus, {doc_id for r in stats for doc_id in r["excluded"]})
     read = sum(int(r["n_read"]) for r in stats)
-    non_empty = [int(r["n_read"]) - len(r["empty_before"]) for r in stats]
+    non_empty = [int(r["n_read"]) - len(r["excluded"]) - len(r["empty_before"]) for r in stats]
     cuts, empty = None, 0
     if corpus.max_documents is None:
-        empty = read - sum(non_empty)
+        empty = sum(len(r["empty_before"]) for r in stats)
     else:
         cuts, left = [], corpus.max_documents
         for r, n in zip(stats, non_empty, strict=True):

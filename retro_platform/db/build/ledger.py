@@ -51,6 +51,7 @@ def fingerprint_inputs(config: PlatformConfig, digest: str) -> dict[str, Any]:
         "corpus.max_documents": db.corpus.max_documents,
         "corpus.valid_fraction": db.corpus.valid_fraction,
         **({"corpus.mirror": True} if db.corpus.mirror else {}),
+        **({"corpus.exclude_ids": sorted(db.corpus.exclude_ids)} if db.corpus.exclude_ids else {}),
         "tokenizer.path": db.tokenizer.path,
         "tokenizer.vocab_size": db.tokenizer.vocab_size,
         "tokenizer.min_frequency": db.tokenizer.min_frequency,
