@@ -17,6 +17,10 @@ Corpora (``--corpus``, one table each):
   documents the pool excludes). A chunk's twin is its best possible neighbour; a valid document can
   only find its twin when the twin fell into the train split (the index holds train chunks only
   unless ``database.index.include_valid``): the script reports how many did.
+- ``shifted``: as ``mirrored``, but each mirror starts with a header of 1 to 40 words (a stable choice
+  per document: ``database.corpus.mirror_header_words``), so a mirror's 64-token chunks start at
+  another offset of the text than its original's: near-duplicates that do not line up with the chunk
+  boundaries.
 - ``natural``: the packaged Wikipedia summaries as they are (``--max-documents`` of them).
 
 Per seed (``train.seed``): RETRO and the baseline at equal steps, a retro-fit of that baseline
@@ -61,7 +65,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS-retrieval.md"
-CORPORA = ("mirrored", "natural")
+CORPORA = ("mirrored", "shifted", "natural")
+MIRRORED = ("mirrored", "shifted")
+"""Corpora whose documents each have a twin (``database.corpus.mirror``)."""
+SHIFT_HEADER_WORDS = 40
+"""``database.corpus.mirror_header_words`` of the shifted corpus: headers of 1-40 words (~1-60 tokens)."""
 
 RESULTS_HEADER = """# Retrieval gain: RETRO vs the same-size baseline, end to end
 
@@ -130,7 +138,8 @@ def corpus_config(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[An
     overrides += [
         "database.corpus.source=wikipedia",
         f"database.corpus.max_documents={n or 'null'}",
-        f"database.corpus.mirror={str(corpus == 'mirrored').lower()}",  # whatever the preset says
+        f"database.corpus.mirror={str(corpus in MIRRORED).lower()}",  # whatever the preset says
+        f"database.corpus.mirror_header_words={SHIFT_HEADER_WORDS if corpus == 'shifted' else 0}",
     ]
     config = load_config(args.config, overrides)
     digest = hashlib.sha1(
@@ -139,7 +148,7 @@ def corpus_config(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[An
     database = dataclasses.replace(config.database, path=f"db-{corpus}-{digest[:8]}")
     tracking = dataclasses.replace(config.tracking, comparison=stamp)
     info["include_valid"] = config.database.index.include_valid
-    if corpus == "mirrored":
+    if corpus in MIRRORED:
         corpus_docs = load_documents(config.database.corpus, use_ray=False)
         info.update(twin_counts(corpus_docs, info["include_valid"]))
     return dataclasses.replace(config, database=database, tracking=tracking), info
@@ -365,12 +374,12 @@ def verdict(corpus: str, mean: dict, spread: dict, seeds: int) -> str:
     """Whether the corpus' target is met, in one line."""
     if mean["ratio"] is None:
         return "target: no RETRO bpb with retrieval to judge"
-    if corpus == "mirrored":
+    if corpus in MIRRORED:
         met = mean["ratio"] <= 0.6
         off = mean["off_ratio"]
         off_met = off is not None and abs(off - 1) <= 0.03
         return (
-            f"targets (mirrored): RETRO <= 0.6x baseline: {mean['ratio']:.3f}x, "
+            f"targets ({corpus}): RETRO <= 0.6x baseline: {mean['ratio']:.3f}x, "
             f"{'met' if met else 'not met'}; retrieval off within 3% of the baseline: "
             f"{fmt(None if off is None else 100 * (off - 1), '{:+.1f}%')}, {'met' if off_met else 'not met'}"
         )
@@ -391,13 +400,13 @@ def corpus_report(corpus: str, result: dict[str, Any]) -> str:
     lines = [f"### {corpus} corpus", ""]
     setup = (
         f"preset `{info['preset']}`, {info['source_documents']} source documents"
-        + (f" -> {info['documents']} with mirrors" if corpus == "mirrored" else "")
+        + (f" -> {info['documents']} with mirrors" if corpus in MIRRORED else "")
         + f"; database {docs.get('train', 0)} train / {docs.get('valid', 0)} valid documents, "
         f"{chunks.get('train', 0)} / {chunks.get('valid', 0)} chunks, index {info['index']} "
         f"({'train + valid' if info['include_valid'] else 'train chunks only'}); {info['steps']} steps of "
         f"{info['tokens_per_step']} tokens"
     )
-    if corpus == "mirrored":
+    if corpus in MIRRORED:
         valid = info["valid_documents"]
         setup += (
             f"; valid documents whose twin is in the train split: {info['twin_in_train']} of {valid} "

@@ -69,6 +69,7 @@ def config_from_metadata(metadata: dict[str, str], source: str) -> tuple[RetroCo
     values.setdefault("activation", "gelu_tanh")
     values.setdefault("cross_positions", "none")
     values.setdefault("copy_init", 0.0)
+    values.setdefault("neighbor_alignment", "none")
     return RetroConfig.from_dict(values), json.loads(metadata.get("extra", "{}"))
 
 

@@ -41,6 +41,10 @@ CROSS_POSITIONS = ("none", "relative", "rotary")
 token before it, so a query matches a copied neighbour by the token it has just read);
 "rotary": rotary position embeddings on half of the heads (the other half stay content-only)."""
 
+ALIGNMENTS = ("none", "match")
+"""How neighbour windows are placed (``RetroConfig.neighbor_alignment``): "none" = the retrieved chunk
+and its continuation (the paper); "match" = ``retro_model.alignment.align_windows``."""
+
 COPY_INIT_STRENGTH = 16.0
 """Default ``RetroConfig.copy_init`` (benchmarks/RESULTS-retrieval.md: the strength sweep)."""
 
@@ -91,6 +95,13 @@ class RetroConfig:
     token's encoding onto its own token embedding, scaled by this strength, so reading the aligned
     neighbour token raises that token's logit from step 0. 0 = plain random init. Only heads that
     ``cross_position_init="aligned"`` peaks (``cross_positions="relative"``) get it."""
+    neighbor_alignment: str = "match"
+    """Where each neighbour's 2m-token window starts in its document (one of
+    ``ALIGNMENTS``): "none" = the retrieved chunk + its continuation (the paper);
+    "match" = where the document's tokens line up with the query chunk (``align_windows``), so a
+    near-duplicate at any offset, or a prompt that starts mid-document, has its continuation aligned
+    with the next chunk. Read by whatever supplies the neighbours (the platform's pool, the copy tasks);
+    checkpoints written before this field existed used "none"."""
     dropout: float = 0.0
     """Dropout probability in attention outputs and feed-forward blocks."""
     tie_embeddings: bool = True
@@ -159,6 +170,10 @@ class RetroConfig:
             raise ValueError(
                 'RetroConfig.cross_positions="rotary" puts rotary positions on half of the heads: '
                 "n_heads and enc_n_heads must be >= 2"
+            )
+        if self.neighbor_alignment not in ALIGNMENTS:
+            raise ValueError(
+                f"RetroConfig.neighbor_alignment must be one of {list(ALIGNMENTS)}, got {self.neighbor_alignment!r}"
             )
         if not (isinstance(self.copy_init, (int, float)) and 0.0 <= self.copy_init < float("inf")):
             raise ValueError(f"RetroConfig.copy_init must be a finite number >= 0, got {self.copy_init!r}")

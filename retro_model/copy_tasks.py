@@ -8,7 +8,17 @@ to a chunk's neighbours) towards zero; with retrieval off it stays at chance, ln
 
 - ``aligned``: the copy is always neighbour 0 (vocab 64, chunk 4, k = 2);
 - ``hidden``: the copy sits in a random one of 3 neighbour slots (vocab 128, chunk 8, k = 3), so the
-  model must find it by content.
+  model must find it by content;
+- ``offset``: as ``hidden``, but the copied text starts at a random offset s in [0, m) of the retrieved
+  chunk (a near-duplicate that does not line up with the chunk boundaries);
+- ``partial``: as ``offset``, but only the last m - c tokens of the query chunk (c in [1, m/2]) are in the
+  neighbour, followed by the continuation (a prompt or a quote that starts mid-chunk).
+
+Each neighbour comes from a "document": the retrieved chunk with the chunk before it and two after it
+(4m tokens), of which the model reads a window of r tokens. The window is what the platform's pool
+returns for the model's ``neighbor_alignment``: "none" the retrieved chunk and what follows it,
+"match" the 2m tokens that line up with the query chunk (``retro_model.alignment.align_windows``, the
+function the pool uses).
 
 Used by the learning tests and by ``benchmarks/retrieval_ablations.py``.
 """
@@ -22,6 +32,7 @@ from typing import Any
 
 import torch
 
+from retro_model.alignment import align_windows
 from retro_model.config import RetroConfig
 from retro_model.model import Retro
 
@@ -36,6 +47,11 @@ class CopyTask:
     copy_slot: int | None
     """Neighbour slot holding the copy; None puts it in a random slot per chunk."""
     num_chunks: int = 8
+    offset: bool = False
+    """The copied text starts at a random offset s in [0, m) of the retrieved chunk (else at 0)."""
+    partial: bool = False
+    """Only the last m - c tokens of the query chunk (random c in [1, m/2]) are copied: at least half of
+    it, so that the copy can be told from chance matches."""
 
     @property
     def chance_nats(self) -> float:
@@ -46,26 +62,78 @@ class CopyTask:
 TASKS = {
     "aligned": CopyTask(vocab_size=64, chunk_len=4, num_neighbors=2, copy_slot=0, num_chunks=16),
     "hidden": CopyTask(vocab_size=128, chunk_len=8, num_neighbors=3, copy_slot=None, num_chunks=8),
+    "offset": CopyTask(
+        vocab_size=128, chunk_len=8, num_neighbors=3, copy_slot=None, num_chunks=8, offset=True
+    ),
+    "partial": CopyTask(
+        vocab_size=128, chunk_len=8, num_neighbors=3, copy_slot=None, num_chunks=8, offset=True, partial=True
+    ),
 }
 
 
-def make_batch(task: CopyTask, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """-> tokens [b, n], targets [b, n], neighbours [b, l, k, 2m], loss mask [b, n] (positions >= m-1)."""
+def make_documents(task: CopyTask, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """-> tokens [b, n], targets [b, n], neighbour documents [b, l, k, 4m] (chunk before, retrieved chunk,
+    two chunks after), loss mask [b, n] (positions >= m-1)."""
     m, num_chunks, k = task.chunk_len, task.num_chunks, task.num_neighbors
     n = num_chunks * m
-    # one chunk more than the sequence: the last chunk's continuation and the last target
-    stream = torch.randint(1, task.vocab_size, (batch_size, n + m), generator=generator)  # 0 is padding
+    # three chunks more than the sequence: the copies of the last chunk and the last target
+    stream = torch.randint(1, task.vocab_size, (batch_size, n + 3 * m), generator=generator)  # 0 is padding
     tokens, targets = stream[:, :n], stream[:, 1 : n + 1]
-    copies = stream.unfold(1, 2 * m, m)[:, :num_chunks]  # (b, l, 2m): chunk u + chunk u+1
-    neighbors = torch.randint(1, task.vocab_size, (batch_size, num_chunks, k, 2 * m), generator=generator)
+    documents = torch.randint(1, task.vocab_size, (batch_size, num_chunks, k, 4 * m), generator=generator)
+    shape = (batch_size, num_chunks)
+    shift = (
+        torch.randint(0, m, shape, generator=generator)
+        if task.offset
+        else torch.zeros(shape, dtype=torch.long)
+    )
+    skip = (
+        torch.randint(1, m // 2 + 1, shape, generator=generator)
+        if task.partial
+        else torch.zeros(shape, dtype=torch.long)
+    )
     if task.copy_slot is None:
-        slot = torch.randint(0, k, (batch_size, num_chunks), generator=generator)
+        slot = torch.randint(0, k, shape, generator=generator)
     else:
-        slot = torch.full((batch_size, num_chunks), task.copy_slot)
-    neighbors[torch.arange(batch_size)[:, None], torch.arange(num_chunks)[None, :], slot] = copies
+        slot = torch.full(shape, task.copy_slot)
+    # document position m + s + t holds stream token u*m + c + t (the copy), up to the document's end
+    position = torch.arange(4 * m)
+    source = (
+        (torch.arange(num_chunks) * m)[None, :, None] + (skip - shift - m)[..., None] + position
+    )  # (b, l, 4m)
+    copied = position >= m + shift[..., None]
+    copy = torch.where(
+        copied, stream.gather(1, source.clamp(min=0).view(batch_size, -1)).view(source.shape), 0
+    )
+    rows = torch.arange(batch_size)[:, None], torch.arange(num_chunks)[None, :], slot
+    documents[rows] = torch.where(copied, copy, documents[rows])
     loss_mask = torch.zeros(batch_size, n, dtype=torch.long)
     loss_mask[:, m - 1 :] = 1
-    return tokens, targets, neighbors, loss_mask
+    return tokens, targets, documents, loss_mask
+
+
+def neighbor_windows(documents: torch.Tensor, tokens: torch.Tensor, config: RetroConfig) -> torch.Tensor:
+    """The windows [b, l, k, r] the model reads of neighbour documents [b, l, k, 4m] retrieved by the
+    chunks of tokens [b, n]: lined up with the query chunk (``neighbor_alignment="match"``, r = 2m) or
+    the retrieved chunk and the r - m tokens after it ("none")."""
+    m, r = config.chunk_len, config.retrieved_len
+    b, num_chunks, k, _ = documents.shape
+    if config.neighbor_alignment == "match":
+        queries = tokens[:, : num_chunks * m].reshape(b * num_chunks, m)
+        windows = align_windows(queries, documents.reshape(b * num_chunks, k, 4 * m), config.pad_id)
+        return windows.view(b, num_chunks, k, 2 * m)
+    if r > 3 * m:
+        raise ValueError(f"copy-task documents hold 3m = {3 * m} tokens from the retrieved chunk; r = {r}")
+    return documents[..., m : m + r]
+
+
+def make_batch(
+    task: CopyTask, batch_size: int, generator: torch.Generator, config: RetroConfig | None = None
+) -> tuple[torch.Tensor, ...]:
+    """-> tokens [b, n], targets [b, n], neighbours [b, l, k, r] as ``config`` reads them (default: the
+    retrieved chunk + continuation), loss mask [b, n] (positions >= m-1)."""
+    tokens, targets, documents, loss_mask = make_documents(task, batch_size, generator)
+    config = config or copy_task_config(task, neighbor_alignment="none")
+    return tokens, targets, neighbor_windows(documents, tokens, config), loss_mask
 
 
 def copy_task_config(task: CopyTask, **overrides: Any) -> RetroConfig:
@@ -106,7 +174,7 @@ def train_copy_task(
     start = time.perf_counter()
     model.train()
     for step in range(steps):
-        tokens, targets, neighbors, mask = make_batch(task, batch_size, data)
+        tokens, targets, neighbors, mask = make_batch(task, batch_size, data, config)
         _, loss = model(tokens, neighbors, targets, loss_mask=mask, return_logits=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -119,7 +187,7 @@ def train_copy_task(
     with_retrieval = without = 0.0
     with torch.no_grad():
         for _ in range(eval_batches):
-            tokens, targets, neighbors, mask = make_batch(task, batch_size, held_out)
+            tokens, targets, neighbors, mask = make_batch(task, batch_size, held_out, config)
             with_retrieval += float(model(tokens, neighbors, targets, mask, return_logits=False)[1])
             without += float(model(tokens, None, targets, mask, return_logits=False)[1])
     return {

@@ -377,12 +377,21 @@ class DecodeCache:
     """chunk index -> (encoded neighbours [b, k, r, e], key mask [b, k*r] or None)."""
 
 
+RETRIEVAL_MODULES = ("enc_in", "enc_cond_norm", "encoder.", "enc_norm")
+"""Name prefixes of the ``Retro`` modules that only a retrieving model has (besides each CCA layer's
+``cca``/``norm_cca``)."""
+
+
 class Retro(nn.Module):
     """RETRO decoder with chunked cross-attention and a neighbour encoder (or the plain baseline)."""
 
     def __init__(self, config: RetroConfig):
         super().__init__()
         self.config = config
+        # One draw from the global generator seeds the initialisation; building the modules below draws
+        # different amounts for RETRO and the baseline, so the global state is restored after it.
+        init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        global_state = torch.get_rng_state()
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)
         cca = set(config.resolved_cca_layers)
@@ -412,16 +421,43 @@ class Retro(nn.Module):
         cos, sin = rotary_tables(config.max_seq_len, d // config.n_heads, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2 style: scale the residual output projections by depth
-        for name, p in self.named_parameters():
-            if name.endswith(("proj.weight", "down.weight")):
-                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layers))
-        if config.retrieval and config.copy_init and not self.embed.weight.is_meta:
-            self.init_copy_path(config.copy_init)
+        if not self.embed.weight.is_meta:
+            self.init_weights(init_seed)
+        torch.set_rng_state(global_state)
+
+    def is_retrieval_parameter(self, name: str) -> bool:
+        """Whether parameter ``name`` belongs to the retrieval modules (neighbour encoder, chunked
+        cross-attention), i.e. the parameters the decoder-only baseline does not have."""
+        return name.startswith(RETRIEVAL_MODULES) or ".cca." in name or ".norm_cca." in name
 
     @torch.no_grad()
-    def init_copy_path(self, strength: float) -> None:
+    def init_weights(self, seed: int) -> None:
+        """Initialise every linear and embedding weight from N(0, init_std), the residual output
+        projections from N(0, init_std / sqrt(2 * n_layers)) (GPT-2), and the copy path
+        (``init_copy_path``).
+
+        Paired initialisation: the decoder's weights come from a generator seeded with ``seed`` in
+        parameter order, the retrieval modules' from a generator of their own (seed + 1), so RETRO and
+        the baseline built at the same seed start from the same decoder and a comparison at one seed
+        measures retrieval alone.
+        """
+        decoder = torch.Generator().manual_seed(seed)
+        retrieval = torch.Generator().manual_seed(seed + 1)
+        linear_weights = {
+            id(module.weight) for module in self.modules() if isinstance(module, (nn.Linear, nn.Embedding))
+        }
+        residual_std = self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():  # tied weights appear once
+            if id(p) not in linear_weights:
+                continue
+            std = residual_std if name.endswith(("proj.weight", "down.weight")) else self.config.init_std
+            generator = retrieval if self.is_retrieval_parameter(name) else decoder
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std))
+        if self.config.retrieval and self.config.copy_init:
+            self.init_copy_path(self.config.copy_init, retrieval)
+
+    @torch.no_grad()
+    def init_copy_path(self, strength: float, generator: torch.Generator | None = None) -> None:
         """Start the aligned-prior heads of every CCA layer as copiers of the token they attend to.
 
         Such a head h reads the encoded neighbour token one position ahead of its query (the token the
@@ -444,16 +480,13 @@ class Retro(nn.Module):
             for h in range(cca.heads):
                 if not bool((cca.rel_bias[h] != 0).any()):  # a content head: left as initialised
                     continue
-                basis, _ = torch.linalg.qr(torch.randn(d, s, device=cca.proj.weight.device))  # (d, s)
+                draw = torch.randn(d, s, generator=generator)
+                basis, _ = torch.linalg.qr(draw.to(cca.proj.weight.device))  # (d, s)
                 value = basis.T if to_decoder is None else basis.T @ to_decoder  # (s, e)
                 cca.kv.weight[d + h * s : d + (h + 1) * s] = value.to(cca.kv.weight.dtype)
                 cca.proj.weight[:, h * s : (h + 1) * s] = (strength * self.config.init_std * basis).to(
                     cca.proj.weight.dtype
                 )
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     # ---- helpers -----------------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

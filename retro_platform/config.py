@@ -97,6 +97,11 @@ class CorpusConfig:
     nearly every chunk has an exact twin in the database: the setting that shows whether a model reads
     its neighbours (the demo and ``benchmarks/retrieval_gain.py`` use it). ``max_documents`` counts
     documents before mirroring."""
+    mirror_header_words: int = 0
+    """With ``mirror``: start each mirror with a header of 1 to this many words (a stable choice per
+    document, ``retro_platform.db.corpus.mirror_text``), so a mirror's chunks start at another offset of
+    the text than its original's, as near-duplicates do in real corpora (``retrieval_gain.py --corpus
+    shifted``). 0 = exact copies."""
     exclude_ids: list[str] = field(default_factory=list)
     """Ids of corpus documents to leave out of the database, and so out of training (integers are read as
     their decimal strings, as corpus ids are). They are skipped as they are read, like empty documents:
@@ -105,6 +110,11 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.valid_fraction < 1.0, "database.corpus.valid_fraction", "must be in [0, 1)")
+        _check(
+            isinstance(self.mirror_header_words, int) and self.mirror_header_words >= 0,
+            "database.corpus.mirror_header_words",
+            "must be an integer >= 0",
+        )
         _check(
             self.max_documents is None or self.max_documents >= 1,
             "database.corpus.max_documents",

@@ -57,7 +57,11 @@ def score_checkpoint(
     model, extra = load_compatible_model(config, local_checkpoint(checkpoint), manifest, warn=False)
     store = ChunkStore(config.db_path, manifest)
     token_bytes = token_byte_lengths(load_tokenizer_file(store.layout.tokenizer))
-    source = SequenceSource(store, "valid", config.train.seq_len, model.config.num_neighbors, token_bytes)
+    # the baseline's overlap buckets read the windows its RETRO twin reads (same model config)
+    align = model.config.neighbor_alignment == "match"
+    source = SequenceSource(
+        store, "valid", config.train.seq_len, model.config.num_neighbors, token_bytes, align
+    )
     batches = evaluation_batches(source, config.train.batch_size, config.train.eval_batches)
     mode = config.train.neighbor_mode if model.config.retrieval or by_overlap else None
     has_table = bool(manifest.neighbors.get("valid"))

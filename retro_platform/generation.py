@@ -33,11 +33,15 @@ class PoolRetriever:
     tokenizer: object
     embedder: Embedder
     k: int
+    align: bool = False
+    """Ask the pool for windows lined up with the chunk (``RetroConfig.neighbor_alignment="match"``)."""
     used: list[tuple[str, list[int], list[float]]] = field(default_factory=list)
 
     def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
         text = self.tokenizer.decode(chunk.tolist())
-        result = self.pool.search(self.embedder.encode([text]).astype(np.float32), k=self.k)
+        query = self.embedder.encode([text]).astype(np.float32)
+        chunk_tokens = chunk.numpy().astype(np.int32)[None] if self.align else None
+        result = self.pool.search(query, k=self.k, query_tokens=chunk_tokens)
         self.used.append((text, result.chunk_ids[0].tolist(), result.scores[0].tolist()))
         return torch.from_numpy(result.tokens[0].astype(np.int64))
 
@@ -59,7 +63,8 @@ def complete(
     retriever = None
     if model.config.retrieval and pool is not None:
         embedder = Embedder.from_manifest(store.manifest, out_dtype="float32")
-        retriever = PoolRetriever(pool, tokenizer, embedder, model.config.num_neighbors)
+        align = model.config.neighbor_alignment == "match"
+        retriever = PoolRetriever(pool, tokenizer, embedder, model.config.num_neighbors, align)
     if prompt_ids is None:
         prompt_ids = tokenizer.encode(prompt).ids
     prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)

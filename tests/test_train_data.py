@@ -169,11 +169,11 @@ class FakePool:
         self.vectors = store.embeddings(np.arange(store.num_chunks))
         self.requests = []
 
-    def submit(self, queries, exclude_doc_ids=None, k=None):
+    def submit(self, queries, exclude_doc_ids=None, k=None, query_tokens=None):
         self.requests.append(len(queries))
         return [(queries, k)]
 
-    def collect(self, refs, queries, exclude_doc_ids=None, k=None):
+    def collect(self, refs, queries, exclude_doc_ids=None, k=None, query_tokens=None):
         queries, k = refs[0]
         own = np.argmin(((self.vectors[None] - queries[:, None]) ** 2).sum(-1), axis=1)
         ids = np.stack([(own + 3 + 2 * j) % self.store.num_chunks for j in range(k)], axis=1)
@@ -181,7 +181,7 @@ class FakePool:
         tokens = np.concatenate([tokens, tokens], axis=2)  # (q, k, 2m)
         return Neighbors(tokens=tokens, scores=np.zeros(ids.shape), chunk_ids=ids, doc_ids=ids)
 
-    def search(self, queries, exclude_doc_ids=None, k=None):
+    def search(self, queries, exclude_doc_ids=None, k=None, query_tokens=None):
         return self.collect(self.submit(queries, exclude_doc_ids, k), queries, exclude_doc_ids, k)
 
 

@@ -390,6 +390,53 @@ MIRROR_SUFFIX = "#mirror"
 """Appended to a document id to name its copy in a mirrored corpus (``database.corpus.mirror``)."""
 
 
+MIRROR_HEADER_WORDS = [
+    "archived",
+    "copy",
+    "of",
+    "the",
+    "article",
+    "as",
+    "retrieved",
+    "from",
+    "the",
+    "mirror",
+    "site",
+    "with",
+    "its",
+    "page",
+    "header",
+    "navigation",
+    "links",
+    "revision",
+    "notes",
+    "and",
+    "licence",
+    "statement",
+    "kept",
+    "for",
+    "reference",
+    "by",
+    "the",
+    "editors",
+    "of",
+    "this",
+    "collection",
+]
+"""Words of a mirror's header (``database.corpus.mirror_header_words``)."""
+
+
+def mirror_text(doc_id: str, text: str, header_words: int) -> str:
+    """The text of the mirror of document ``doc_id``: ``text`` itself, or with ``header_words`` > 0 after
+    a header of 1 to ``header_words`` words, the count and words a stable function of the id."""
+    if header_words <= 0:
+        return text
+    seed = int.from_bytes(hashlib.sha1(f"header:{doc_id}".encode()).digest()[:8], "big")
+    count = 1 + seed % header_words
+    words = [MIRROR_HEADER_WORDS[(seed // (i + 3)) % len(MIRROR_HEADER_WORDS)] for i in range(count)]
+    return " ".join(words) + ". " + text
+
+
 def stable_split(doc_id: str, valid_fraction: float) -> str:
     """'valid' for a stable ``valid_fraction`` of ids (sha1 of the id), else 'train'."""
     if valid_fraction <= 0:
@@ -440,7 +487,14 @@ def load_documents(config: CorpusConfig, use_ray: bool = True) -> Corpus:
         if config.max_documents is not None and len(kept) >= config.max_documents:
             break
     if config.mirror:
-        kept += [{**doc, "id": doc["id"] + MIRROR_SUFFIX} for doc in kept]
+        kept += [
+            {
+                **doc,
+                "id": doc["id"] + MIRROR_SUFFIX,
+                "text": mirror_text(doc["id"], doc["text"], config.mirror_header_words),
+            }
+            for doc in kept
+        ]
     if not kept:
         raise CorpusError(
             f"corpus {config.source} has no non-empty documents ({corpus.read} read, {corpus.empty} empty)"

@@ -356,20 +356,61 @@ def neighbor_tokens(
     num_chunks: int,
     chunk_len: int,
     pad: int,
+    queries: np.ndarray | None = None,
 ) -> np.ndarray:
     """Neighbour tokens [..., 2m] of chunk ids [...] (-1 = none -> all padding): the chunk, then the next
     chunk of the same document as its continuation (padding at the end of a document).
 
+    With ``queries`` (the query chunks' tokens [q, m], ids [q, k]) each window starts where its document
+    lines up with its query instead (``retro_model.alignment.align_windows``, shift in [-m, m]), so that
+    a near-duplicate at any offset has its continuation aligned with the chunk that follows the query.
+
     ``tokens_of`` / ``doc_ids_of`` read [q, m] tokens / [q] document ids of an array of ids < ``num_chunks``
     (a ChunkStore's global ids, or a shard actor's local rows).
     """
+    if queries is None:
+        return document_windows(ids, tokens_of, doc_ids_of, num_chunks, chunk_len, pad, before=0, after=1)
+    import torch
+
+    from retro_model.alignment import align_windows
+
+    documents = document_windows(ids, tokens_of, doc_ids_of, num_chunks, chunk_len, pad, before=1, after=2)
+    aligned = align_windows(
+        torch.from_numpy(np.ascontiguousarray(queries, dtype=np.int32).reshape(-1, chunk_len)),
+        torch.from_numpy(documents.reshape(len(queries), -1, 4 * chunk_len)),
+        pad,
+    )
+    return aligned.numpy().reshape(*np.shape(ids), 2 * chunk_len)
+
+
+def document_windows(
+    ids: np.ndarray,
+    tokens_of: Callable[[np.ndarray], np.ndarray],
+    doc_ids_of: Callable[[np.ndarray], np.ndarray],
+    num_chunks: int,
+    chunk_len: int,
+    pad: int,
+    before: int,
+    after: int,
+) -> np.ndarray:
+    """Tokens [..., (before + 1 + after) * m] of chunk ids [...] (-1 = none -> all padding): the
+    ``before`` chunks before each chunk, the chunk, and the ``after`` chunks after it, each only when
+    it belongs to the same document (padding otherwise). Arguments as in ``neighbor_tokens``."""
     flat = np.asarray(ids).reshape(-1)
     valid = flat >= 0
     rows = np.where(valid, flat, 0)
-    nxt = np.minimum(rows + 1, num_chunks - 1)
-    same_doc = valid & (rows + 1 < num_chunks)
-    same_doc[same_doc] = doc_ids_of(nxt[same_doc]) == doc_ids_of(rows[same_doc])
-    out = np.full((len(flat), 2 * chunk_len), pad, dtype=np.int32)
-    out[valid, :chunk_len] = tokens_of(rows[valid])
-    out[same_doc, chunk_len:] = tokens_of(nxt[same_doc])
-    return out.reshape(*np.shape(ids), 2 * chunk_len)
+    width = before + 1 + after
+    out = np.full((len(flat), width * chunk_len), pad, dtype=np.int32)
+    if not valid.any():
+        return out.reshape(*np.shape(ids), width * chunk_len)
+    out[valid, before * chunk_len : (before + 1) * chunk_len] = tokens_of(rows[valid])
+    own_doc = np.zeros(len(flat), dtype=np.int64)
+    own_doc[valid] = doc_ids_of(rows[valid])
+    for step in [*range(-before, 0), *range(1, after + 1)]:
+        other = rows + step
+        same_doc = valid & (other >= 0) & (other < num_chunks)
+        same_doc[same_doc] = doc_ids_of(other[same_doc]) == own_doc[same_doc]
+        if same_doc.any():
+            column = (before + step) * chunk_len
+            out[same_doc, column : column + chunk_len] = tokens_of(other[same_doc])
+    return out.reshape(*np.shape(ids), width * chunk_len)

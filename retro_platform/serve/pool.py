@@ -131,15 +131,22 @@ class NeighborPool:
         return handles[(self._turn + attempt) % len(handles)]
 
     def submit(
-        self, queries: np.ndarray, exclude_doc_ids: list[np.ndarray] | None = None, k: int | None = None
+        self,
+        queries: np.ndarray,
+        exclude_doc_ids: list[np.ndarray] | None = None,
+        k: int | None = None,
+        query_tokens: np.ndarray | None = None,
     ) -> list[ray.ObjectRef]:
-        """Send a batch to every shard without waiting -> one ObjectRef per shard (see ``collect``)."""
+        """Send a batch to every shard without waiting -> one ObjectRef per shard (see ``collect``).
+
+        ``query_tokens`` [q, m] (the query chunks' tokens) asks for aligned windows (``ShardActor.search``).
+        """
         k = k or self.k
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         self._turn += 1
         ref = ray.put(queries) if queries.nbytes > 100_000 else queries
         return [
-            self._actor(s, 0).search.remote(ref, k, exclude_doc_ids, self.depth)
+            self._actor(s, 0).search.remote(ref, k, exclude_doc_ids, self.depth, query_tokens)
             for s in range(self.num_shards)
         ]
 
@@ -149,8 +156,10 @@ class NeighborPool:
         queries: np.ndarray,
         exclude_doc_ids: list[np.ndarray] | None = None,
         k: int | None = None,
+        query_tokens: np.ndarray | None = None,
     ) -> Neighbors:
-        """Wait for a submitted batch and merge it; a shard whose actor died is asked again."""
+        """Wait for a submitted batch and merge it; a shard whose actor died is asked again (the arguments
+        are those of ``submit``)."""
         k = k or self.k
         parts = []
         for shard, ref in enumerate(refs):
@@ -166,15 +175,23 @@ class NeighborPool:
                     logger.warning("shard %d unavailable (%s); retry %d", shard, type(exc).__name__, attempt)
                     time.sleep(min(0.5 * attempt, 2.0))
                     queries = np.ascontiguousarray(queries, dtype=np.float32)
-                    ref = self._actor(shard, attempt).search.remote(queries, k, exclude_doc_ids, self.depth)
+                    ref = self._actor(shard, attempt).search.remote(
+                        queries, k, exclude_doc_ids, self.depth, query_tokens
+                    )
         return merge_topk(parts, k)
 
     def search(
-        self, queries: np.ndarray, exclude_doc_ids: list[np.ndarray] | None = None, k: int | None = None
+        self,
+        queries: np.ndarray,
+        exclude_doc_ids: list[np.ndarray] | None = None,
+        k: int | None = None,
+        query_tokens: np.ndarray | None = None,
     ) -> Neighbors:
         """Global top-k neighbours of queries [q, d]; ``exclude_doc_ids[i]`` lists documents query i must
-        not get back (e.g. the documents of its own training sequence)."""
-        return self.collect(self.submit(queries, exclude_doc_ids, k), queries, exclude_doc_ids, k)
+        not get back (e.g. the documents of its own training sequence); with ``query_tokens`` [q, m]
+        each neighbour's window lines up with its query chunk (``retro_model.alignment``)."""
+        refs = self.submit(queries, exclude_doc_ids, k, query_tokens)
+        return self.collect(refs, queries, exclude_doc_ids, k, query_tokens)
 
     def shutdown(self) -> None:
         """Stop every actor of the pool."""

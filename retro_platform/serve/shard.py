@@ -79,9 +79,12 @@ class ShardActor:
         k: int,
         exclude_doc_ids: list[np.ndarray] | None = None,
         depth: int = 4,
+        query_tokens: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Shard-local top-k of each query [q, d] -> scores [q, k] (-inf = none), chunk_ids and doc_ids
-        [q, k] (-1 = none), tokens [q, k, 2m] (neighbour chunk + continuation)."""
+        [q, k] (-1 = none), tokens [q, k, 2m] (neighbour chunk + continuation; with ``query_tokens``, the
+        query chunks' tokens [q, m], the 2m tokens of the neighbour's document that line up with the
+        query: ``retro_platform.db.store.neighbor_tokens``)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         q = len(queries)
         ntotal = self.index.ntotal
@@ -118,5 +121,6 @@ class ShardActor:
                 len(self.tokens),
                 self.tokens.shape[1],
                 self.pad_id,
+                queries=query_tokens,
             ),
         }

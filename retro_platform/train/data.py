@@ -57,8 +57,18 @@ class Batch:
 class SequenceSource:
     """Sequences of one split and how to assemble them (tokens, targets, neighbours)."""
 
-    def __init__(self, store: ChunkStore, split: str, seq_len: int, k: int, token_bytes: np.ndarray):
+    def __init__(
+        self,
+        store: ChunkStore,
+        split: str,
+        seq_len: int,
+        k: int,
+        token_bytes: np.ndarray,
+        align: bool = False,
+    ):
         self.store = store
+        self.align = align
+        """Neighbour windows line up with their query chunks (``RetroConfig.neighbor_alignment="match"``)."""
         self.split = split
         self.m = store.chunk_len
         if seq_len % self.m:
@@ -143,10 +153,17 @@ class SequenceSource:
             out = np.pad(out, ((0, 0), (0, self.k - out.shape[1])), constant_values=-1)
         return out
 
-    def neighbor_tokens(self, neighbor_ids: np.ndarray) -> np.ndarray:
-        """[q, k] chunk ids (-1 = none) -> [q, k, 2m] chunk + continuation tokens (as the pool returns)."""
+    def query_tokens(self, chunk_ids: np.ndarray) -> np.ndarray | None:
+        """[b*l, m] tokens of the query chunks ``chunk_ids`` [b, l] when windows are aligned, else None."""
+        return self.store.tokens(chunk_ids.reshape(-1)) if self.align else None
+
+    def neighbor_tokens(self, neighbor_ids: np.ndarray, query_tokens: np.ndarray | None = None) -> np.ndarray:
+        """[q, k] chunk ids (-1 = none) -> [q, k, 2m] chunk + continuation tokens (as the pool returns;
+        with ``query_tokens`` [q, m] lined up with them, as the pool does when asked)."""
         store = self.store
-        return neighbor_tokens(neighbor_ids, store.tokens, store.doc_ids, store.num_chunks, self.m, self.pad)
+        return neighbor_tokens(
+            neighbor_ids, store.tokens, store.doc_ids, store.num_chunks, self.m, self.pad, query_tokens
+        )
 
     # ---- one synchronous batch (evaluation) -------------------------------------------------------
     def batch(self, sequence_ids: np.ndarray, mode: str | None, pool: NeighborPool | None = None) -> Batch:
@@ -160,12 +177,15 @@ class SequenceSource:
             if pool is None:
                 raise ValueError("online neighbours need a NeighborPool")
             found = pool.search(
-                self.store.embeddings(chunk_ids.reshape(-1)), self.exclusions(chunk_ids), self.k
+                self.store.embeddings(chunk_ids.reshape(-1)),
+                self.exclusions(chunk_ids),
+                self.k,
+                self.query_tokens(chunk_ids),
             )
             ids, tokens = found.chunk_ids, found.tokens
         elif mode == "precomputed":
             ids = self.precomputed_ids(chunk_ids)
-            tokens = self.neighbor_tokens(ids)
+            tokens = self.neighbor_tokens(ids, self.query_tokens(chunk_ids))
         else:
             raise ValueError(f"unknown neighbour mode {mode!r}; expected one of {MODES} or None")
         attach_neighbors(batch, ids, tokens, self.k)
@@ -203,6 +223,7 @@ class _Request:
     refs: list | None = None
     queries: np.ndarray | None = None
     exclusions: np.ndarray | None = None
+    query_tokens: np.ndarray | None = None
     results: tuple[np.ndarray, np.ndarray] | None = None
     offsets: list[int] = field(default_factory=list)
 
@@ -271,7 +292,10 @@ class BatchLoader:
         chunk_ids = np.concatenate([self.source.chunk_ids(s) for s in request.sequences])  # (G*b, l)
         request.queries = self.source.store.embeddings(chunk_ids.reshape(-1))
         request.exclusions = self.source.exclusions(chunk_ids)
-        request.refs = self.pool.submit(request.queries, request.exclusions, self.source.k)
+        request.query_tokens = self.source.query_tokens(chunk_ids)
+        request.refs = self.pool.submit(
+            request.queries, request.exclusions, self.source.k, request.query_tokens
+        )
         request.chunk_ids = chunk_ids
         self._requests.append(request)
         self._requested += self.query_batches
@@ -286,10 +310,12 @@ class BatchLoader:
         waited = 0.0
         if request.results is None:
             t0 = time.perf_counter()
-            found = self.pool.collect(request.refs, request.queries, request.exclusions, self.source.k)
+            found = self.pool.collect(
+                request.refs, request.queries, request.exclusions, self.source.k, request.query_tokens
+            )
             waited = time.perf_counter() - t0
             request.results = (found.chunk_ids, found.tokens)
-            request.queries = request.exclusions = request.refs = None
+            request.queries = request.exclusions = request.refs = request.query_tokens = None
         per_batch = len(request.results[0]) // len(request.sequences)
         i = batch_number - request.first
         rows = slice(i * per_batch, (i + 1) * per_batch)

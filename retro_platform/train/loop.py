@@ -138,8 +138,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             logger.info("resumed from the checkpoint of step %d (data position %d)", step, position)
 
+    align = model_cfg.neighbor_alignment == "match"
     loader = BatchLoader(
-        SequenceSource(store, "train", train_cfg.seq_len, model_cfg.num_neighbors, token_bytes),
+        SequenceSource(store, "train", train_cfg.seq_len, model_cfg.num_neighbors, token_bytes, align),
         train_cfg.batch_size,
         rank,
         world,
@@ -154,7 +155,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and store.split_range("valid")[1] > store.split_range("valid")[0]:
         try:
             valid_source = SequenceSource(
-                store, "valid", train_cfg.seq_len, model_cfg.num_neighbors, token_bytes
+                store, "valid", train_cfg.seq_len, model_cfg.num_neighbors, token_bytes, align
             )
             eval_batches = evaluation_batches(valid_source, train_cfg.batch_size, train_cfg.eval_batches)
         except Exception as exc:  # a tiny valid split: train without validation, and say so

@@ -31,6 +31,7 @@ from retro_platform.db.corpus import (
     Piece,
     combine_digests,
     corpus_pieces,
+    mirror_text,
     missing_exclusions,
     number_lines,
     parse_piece,
@@ -125,9 +126,10 @@ def map_piece(
     valid_fraction: float,
     mirror: bool,
     exclude: frozenset[str] = frozenset(),
+    mirror_header_words: int = 0,
 ) -> dict[str, Any]:
-    """Parse one piece and (unless ``staging`` is None) write its documents into bucket files -> its
-    counts, digest, the ids of ``exclude`` it held (left out of the database and of every count), and the
+    """Parse one piece and (unless ``staging`` is None) write its documents into bucket files (with
+    ``mirror``, each also as its ``#mirror`` twin: ``mirror_text``) -> its counts, digest, the ids of ``exclude`` it held (left out of the database and of every count), and the
     first error (a value: Ray does not carry the exception's type back)."""
     try:
         docs, digest = parse_piece(piece)
@@ -160,7 +162,7 @@ def map_piece(
             columns = rows.setdefault(key, {name: [] for name in STAGED_SCHEMA.names})
             for name, value in (
                 ("id", doc_id),
-                ("text", doc["text"]),
+                ("text", mirror_text(doc["id"], doc["text"], mirror_header_words) if copy else doc["text"]),
                 ("title", doc["title"]),
                 ("where", doc["where"]),
                 ("piece", piece.index),
@@ -243,7 +245,15 @@ def stage_documents(config: PlatformConfig, staging: str, pieces: list[Piece] | 
 
     def parse(row: dict[str, Any]) -> dict[str, Any]:
         piece = pieces[row["piece"]]
-        return map_piece(piece, staging, buckets, corpus.valid_fraction, corpus.mirror, exclude)
+        return map_piece(
+            piece,
+            staging,
+            buckets,
+            corpus.valid_fraction,
+            corpus.mirror,
+            exclude,
+            corpus.mirror_header_words if corpus.mirror else 0,
+        )
 
     items = [{"piece": p.index} for p in pieces]
     stats = (

@@ -51,6 +51,11 @@ def fingerprint_inputs(config: PlatformConfig, digest: str) -> dict[str, Any]:
         "corpus.max_documents": db.corpus.max_documents,
         "corpus.valid_fraction": db.corpus.valid_fraction,
         **({"corpus.mirror": True} if db.corpus.mirror else {}),
+        **(
+            {"corpus.mirror_header_words": db.corpus.mirror_header_words}
+            if db.corpus.mirror and db.corpus.mirror_header_words
+            else {}
+        ),
         **({"corpus.exclude_ids": sorted(db.corpus.exclude_ids)} if db.corpus.exclude_ids else {}),
         "tokenizer.path": db.tokenizer.path,
         "tokenizer.vocab_size": db.tokenizer.vocab_size,
