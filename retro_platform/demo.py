@@ -69,10 +69,17 @@ def variant(config: PlatformConfig, kind: str, comparison: str, label: str | Non
     return dataclasses.replace(config, model=model, train=train, tracking=tracking)
 
 
+def update_prompt_start(config: PlatformConfig) -> int:
+    """Token at which the knowledge update's prompt starts in its document: mid-sentence, 3/8 of a chunk
+    in (24 tokens at 64), so the prompt's chunk lines up with none of the stored document's chunks."""
+    return max(1, 3 * config.database.chunk_len // 8)
+
+
 def update_tokens(config: PlatformConfig) -> int:
-    """Tokens the knowledge update needs from its document: the opening (one chunk of
-    ``database.chunk_len``) and the ``generate.max_new_tokens`` that follow it."""
-    return config.database.chunk_len + config.generate.max_new_tokens
+    """Tokens the knowledge update needs from its document: up to the prompt's start
+    (``update_prompt_start``), the prompt (one chunk of ``database.chunk_len``) and the
+    ``generate.max_new_tokens`` that follow it."""
+    return update_prompt_start(config) + config.database.chunk_len + config.generate.max_new_tokens
 
 
 def takes_beyond_cut(corpus: CorpusConfig) -> bool:
@@ -288,12 +295,15 @@ def check_built_database(config: PlatformConfig, manifest, prompt: str) -> None:
 
 
 def knowledge_update(config: PlatformConfig, model) -> dict:
-    """Add an unseen article to a copy of the database and greedy-complete its opening before and after.
+    """Add an unseen article to a copy of the database and greedy-complete a span of it before and after.
 
-    The prompt is the article's first chunk; after the addition its retrieval finds the article itself,
-    whose continuation holds the words that follow. -> {prompt, truth, before, after, matched, words,
-    scores}: ``matched`` the number of the article's next ``words`` words each completion reproduces in
-    order, before and after.
+    The prompt is one chunk of the article that starts mid-sentence (``update_prompt_start``), so it lines
+    up with none of the stored chunks; after the addition its retrieval finds the article itself, and the
+    window the pool returns (lined up with the prompt: ``RetroConfig.neighbor_alignment``) continues with
+    the words that follow. -> {prompt, truth, before, after, matched, words, scores, lined_up}:
+    ``matched`` the number of the article's next ``words`` words each completion reproduces in order,
+    before and after; ``lined_up`` whether a window the model read after the addition continues with the
+    article's next chunk token for token.
     """
     from retro_platform.db.add_docs import add_documents
     from retro_platform.db.tokenizer import load_tokenizer
@@ -301,7 +311,7 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
     m = config.database.chunk_len
     n_new = config.generate.max_new_tokens
     tokenizer = load_tokenizer(config.db_path)
-    doc = unseen_document(config, tokenizer, m + n_new)
+    doc = unseen_document(config, tokenizer, update_tokens(config))
     copy = Path(config.work_dir) / "knowledge-update" / "db"
     if copy.exists():
         shutil.rmtree(copy)
@@ -311,7 +321,8 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
         database=dataclasses.replace(config.database, path=str(copy)),
         generate=dataclasses.replace(config.generate, temperature=0.0),
     )
-    ids = tokenizer.encode(doc["text"]).ids
+    start = update_prompt_start(config)
+    ids = tokenizer.encode(doc["text"]).ids[start:]
     prompt, truth = tokenizer.decode(ids[:m]), tokenizer.decode(ids[m : m + n_new])
     truth_words = truth.split()
     pool = NeighborPool.start(updated)
@@ -321,8 +332,10 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
         new_docs.write_text(json.dumps(doc) + "\n")
         add_documents(updated, [str(new_docs)], pool=pool)
         after, used = complete(updated, model, pool, prompt, prompt_ids=ids[:m])
+        windows = prompt_windows(updated, model, pool, tokenizer, ids[:m])
     finally:
         pool.shutdown()
+    lined_up = any(list(window[m:]) == ids[m : 2 * m] for window in windows)
 
     def matched(text: str) -> int:
         """The article's next words that ``text`` reproduces in order (a longest common subsequence of
@@ -340,7 +353,23 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
         "matched": (matched(before), matched(after)),
         "words": len(truth_words),
         "scores": [round(s, 3) for s in used[0][2]] if used else [],
+        "lined_up": lined_up,
     }
+
+
+def prompt_windows(config: PlatformConfig, model, pool: NeighborPool, tokenizer, chunk_ids: list[int]):
+    """The neighbour windows [k, r] (token ids) the model reads for one prompt chunk, as ``complete``
+    retrieves them."""
+    import torch
+
+    from retro_platform.db.embed import Embedder
+    from retro_platform.db.manifest import load_manifest
+    from retro_platform.generation import PoolRetriever
+
+    embedder = Embedder.from_manifest(load_manifest(config.db_path), out_dtype="float32")
+    align = model.config.neighbor_alignment == "match"
+    retriever = PoolRetriever(pool, tokenizer, embedder, model.config.num_neighbors, align)
+    return retriever(torch.tensor(chunk_ids, dtype=torch.long)).tolist()
 
 
 def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
@@ -399,15 +428,18 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
                 f"  chunk {chunk_text[:50]!r}... read neighbours {ids} "
                 f"(scores {[round(s, 3) for s in neighbour_scores]})"
             )
-        print("\n[6/6] knowledge update: add an article the model never saw, complete its opening again")
+        print(
+            "\n[6/6] knowledge update: add an article the model never saw, complete a span of it that starts "
+            "mid-sentence again"
+        )
         update = knowledge_update(config, model)
         words = update["words"]
-        print(f"opening:  {update['prompt']!r}")
+        print(f"prompt:   {update['prompt']!r}")
         print(f"article:  {update['truth']!r}")
         print(f"before:   {update['before']!r}\n          ({update['matched'][0]}/{words} next words right)")
         print(
             f"after:    {update['after']!r}\n          ({update['matched'][1]}/{words} next words right; "
-            f"the opening's neighbours scored {update['scores']})"
+            f"the prompt's neighbours scored {update['scores']})"
         )
         if update["matched"][1] < words // 2:
             print(

@@ -94,8 +94,9 @@ def test_added_document_changes_the_greedy_completion_without_retraining(debug_d
 
 
 def test_demo_knowledge_update_adds_an_unseen_article_to_a_copy_of_the_database(debug_db, tmp_path):
-    """The demo's step 6: an article from beyond the corpus cut is added to a copy of the database; its
-    opening then retrieves the article itself (score 1.000), and the demo's database stays as it was."""
+    """The demo's step 6: an article from beyond the corpus cut is added to a copy of the database; a
+    span of it that starts mid-sentence then retrieves the article itself, the window the model reads
+    continues with the article's next chunk, and the demo's database stays as it was."""
     from retro_platform.demo import knowledge_update
 
     source, _ = debug_db
@@ -107,9 +108,58 @@ def test_demo_knowledge_update_adds_an_unseen_article_to_a_copy_of_the_database(
 
     update = knowledge_update(config, model)
 
-    assert update["scores"] and update["scores"][0] > 0.999  # the opening found its own article
+    assert update["scores"] and update["scores"][0] > 0.8  # the prompt found its own article ...
+    assert update["lined_up"]  # ... and reads its continuation
     assert update["truth"].split()[: update["words"]] and update["words"] > 0
     assert 0 <= update["matched"][0] <= update["words"] and 0 <= update["matched"][1] <= update["words"]
     assert (tmp_path / "db" / "manifest.json").read_bytes() == manifest_before
     copy = load_manifest(tmp_path / "knowledge-update" / "db")
     assert copy.counts.documents["added"] == 1
+
+
+ARTICLE = (
+    "The Harbour of Velmora was dug by hand between 1802 and 1809 by the fishermen of Quillon, who carried "
+    "the stones on ox carts from the quarry at Brandt Hill. Its lighthouse, painted in green and white bands, "
+    "was lit for the first time on the night of the great storm of 1811, when it guided nineteen boats home. "
+    "The harbour master Oskar Felding kept a diary of every ship that entered, and his forty volumes are now "
+    "kept in the town library, next to a model of the schooner Marianne, which sank off the northern reef in "
+    "1834 with a cargo of salt, copper pans and church bells cast in the foundry of Tessaly. "
+    "Each summer the town holds a regatta in which rowing crews race from the breakwater to the bell buoy."
+)
+
+
+def test_any_span_of_an_added_document_reads_the_words_that_follow_it(debug_db, tmp_path):
+    """After `add-docs`, a prompt chunk that starts anywhere in the new document (mid-sentence, at any
+    token) retrieves it, and the window the model reads (``neighbor_alignment="match"``, the default)
+    continues with the document's next chunk token for token; the retrieved chunk + continuation of the
+    paper ("none") only does so when the prompt starts on a stored chunk boundary."""
+    from retro_platform.db.tokenizer import load_tokenizer
+    from retro_platform.generation import PoolRetriever
+
+    source, _ = debug_db
+    shutil.copytree(source.db_path, tmp_path / "db")
+    config = debug_config(tmp_path)
+    m = config.database.chunk_len
+    new_docs = tmp_path / "article.jsonl"
+    new_docs.write_text(json.dumps({"id": "velmora-harbour", "text": ARTICLE}) + "\n")
+    tokenizer = load_tokenizer(config.db_path)
+    ids = tokenizer.encode(ARTICLE).ids
+    starts = [0, 5, 17, 30, 41, 58]
+    assert len(ids) >= max(starts) + 2 * m
+    pool = NeighborPool.start(config)
+    try:
+        add_documents(config, [str(new_docs)], pool=pool)
+        embedder = Embedder.from_manifest(load_manifest(config.db_path), out_dtype="float32")
+        retrievers = {
+            align: PoolRetriever(pool, tokenizer, embedder, config.model.num_neighbors, align=align)
+            for align in (True, False)
+        }
+        for start in starts:
+            chunk, following = ids[start : start + m], ids[start + m : start + 2 * m]
+            reads = {
+                align: retriever(torch.tensor(chunk)).tolist() for align, retriever in retrievers.items()
+            }
+            assert any(w[:m] == chunk and w[m:] == following for w in reads[True]), start
+            assert any(w[m:] == following for w in reads[False]) == (start == 0), start
+    finally:
+        pool.shutdown()

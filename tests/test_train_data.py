@@ -237,6 +237,38 @@ def test_precomputed_neighbors_drop_documents_of_the_sequence(synthetic_db):
     assert src.neighbor_tokens(np.array([[end_of_doc]]))[0, 0, M:].tolist() == [PAD] * M
 
 
+def test_aligned_neighbor_windows_start_where_the_document_matches_the_query(synthetic_db):
+    db, chunk_docs = synthetic_db
+    src = source(db)
+    doc = 4  # 12 tokens: chunks 8, 9, 10 of the train split
+    chunks = np.flatnonzero(chunk_docs == doc)
+    assert chunks.tolist() == [8, 9, 10]
+    text = [token_of(doc, i) for i in range(12)]
+
+    def window(chunk_id: int, query: list[int]) -> list[int]:
+        return src.neighbor_tokens(np.array([[chunk_id]]), np.array([query]))[0, 0].tolist()
+
+    # the query is the document from token 2: whichever of its chunks was retrieved, the window starts at 2
+    for retrieved in (8, 9):
+        assert window(retrieved, text[2:6]) == text[2:10]
+    # token 8 on: the window runs into the end of the document (padding after it)
+    assert window(9, text[8:12]) == text[8:12] + [PAD] * M
+    # a query that matches the document nowhere: the retrieved chunk and its continuation, as without queries
+    unrelated = [token_of(7, i) for i in range(M)]
+    assert window(9, unrelated) == text[4:12] == src.neighbor_tokens(np.array([[9]]))[0, 0].tolist()
+    # a match never reaches into another document: chunk 7 (document 3) stays as retrieved
+    assert window(7, text[0:4]) == src.neighbor_tokens(np.array([[7]]))[0, 0].tolist()
+    # missing neighbours stay padding
+    assert window(-1, text[2:6]) == [PAD] * 2 * M
+    # the aligned source asks for the same windows (its own chunks as queries)
+    aligned = SequenceSource(src.store, "train", 2 * M, 2, src.token_bytes, align=True)
+    ids = np.array([[9, 8]])
+    query = src.store.tokens(np.array([8]))
+    np.testing.assert_array_equal(aligned.neighbor_tokens(ids, query), src.neighbor_tokens(ids, query))
+    assert aligned.query_tokens(np.array([[8]])).tolist() == [text[0:4]]
+    assert src.query_tokens(np.array([[8]])) is None
+
+
 def test_schedule_warms_up_then_decays_to_min_and_survives_a_checkpoint(tmp_path):
     cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
     lrs = [lr_at(s, cfg) for s in range(cfg.steps)]

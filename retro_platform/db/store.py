@@ -376,7 +376,9 @@ def neighbor_tokens(
 
     documents = document_windows(ids, tokens_of, doc_ids_of, num_chunks, chunk_len, pad, before=1, after=2)
     aligned = align_windows(
-        torch.from_numpy(np.ascontiguousarray(queries, dtype=np.int32).reshape(-1, chunk_len)),
+        torch.from_numpy(
+            np.array(queries, dtype=np.int32).reshape(-1, chunk_len)
+        ),  # a copy: may be read-only
         torch.from_numpy(documents.reshape(len(queries), -1, 4 * chunk_len)),
         pad,
     )
