@@ -43,18 +43,25 @@ def best_shifts(queries: Tensor, documents: Tensor, pad_id: int, min_matches: in
     if documents.shape[-1] != 4 * m:
         raise ValueError(f"documents must hold 4 chunks of {m} tokens, got {documents.shape[-1]}")
     min_matches = min_bigram_matches(m) if min_matches is None else min_matches
-    candidates = documents.unfold(-1, m, 1)[..., : 2 * m + 1, :]  # (..., 2m+1, m): starts 0..2m
-    query = queries.unsqueeze(-2)  # (..., 1, m)
-    same = (candidates == query) & (query != pad_id)  # (..., 2m+1, m)
-    bigram = same[..., 1:] & same[..., :-1]  # (..., 2m+1, m-1): token t and t-1 both match
+    # a bigram (token t-1, token t) as one int64, so one comparison matches both tokens; a query bigram
+    # with padding is -1, which no document bigram equals
+    queries, documents = queries.long(), documents.long()
+    query_bigrams = (queries[..., 1:] << 32) | queries[..., :-1]  # (..., m-1)
+    query_bigrams = query_bigrams.masked_fill(
+        (queries[..., 1:] == pad_id) | (queries[..., :-1] == pad_id), -1
+    )
+    document_bigrams = (documents[..., 1:] << 32) | documents[..., :-1]  # (..., 4m-1)
+    # the window starting at document position p (0..2m) holds bigrams p .. p+m-2
+    candidates = document_bigrams.unfold(-1, m - 1, 1)[..., : 2 * m + 1, :]  # (..., 2m+1, m-1)
+    bigram = candidates == query_bigrams.unsqueeze(-2)  # (..., 2m+1, m-1)
     weights = 1.0 + torch.arange(1, m, dtype=torch.float32, device=queries.device) / m  # later counts more
-    score = (bigram.float() * weights).sum(-1)  # (..., 2m+1)
-    count = bigram.sum(-1)
+    score = bigram.to(torch.float32) @ weights  # (..., 2m+1)
     offsets = torch.arange(-m, m + 1, device=queries.device)
     # ties to the smallest |shift| (weights are multiples of 1/m, so 1/(4m^2) per step never flips a score)
     ranked = score - offsets.abs().float() / (4 * m * m)
     best = ranked.argmax(-1)  # (...,)
-    enough = count.gather(-1, best.unsqueeze(-1)).squeeze(-1) >= min_matches
+    at_best = bigram.gather(-2, best[..., None, None].expand(*best.shape, 1, m - 1)).squeeze(-2)
+    enough = at_best.sum(-1) >= min_matches
     return torch.where(enough, offsets[best], torch.zeros_like(best))
 
 
