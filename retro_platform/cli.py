@@ -67,7 +67,7 @@ def cmd_add_docs(config: PlatformConfig, args: argparse.Namespace) -> None:
 
 def cmd_neighbors(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Print a chunk (or a text) and its neighbours with scores."""
-    from retro_platform.serve.inspect import show_neighbors
+    from retro_platform.neighbors.inspect import show_neighbors
 
     if (args.chunk_id is None) == (args.text is None):
         raise UserError("retro neighbors needs exactly one of --chunk-id N or --text '...'")

@@ -62,14 +62,14 @@ class RayConfig:
     embed_resource: str | None = None
     """Custom resource the build's encoder actors ask for (routes GPU encoder actors to `gpu_embed`
     nodes); None uses ``build_resource``."""
-    serve_resource: str | None = None
-    """Custom resource every neighbour shard actor asks for (routes the pool to on-demand `cpu_serve`
+    pool_resource: str | None = None
+    """Custom resource every neighbour shard actor asks for (routes the pool to on-demand `cpu_pool`
     nodes); None uses ``build_resource``."""
 
     def __post_init__(self) -> None:
         _check(self.object_store_memory_gb > 0, "ray.object_store_memory_gb", "must be > 0")
         _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
-        for name in ("build_resource", "train_resource", "embed_resource", "serve_resource"):
+        for name in ("build_resource", "train_resource", "embed_resource", "pool_resource"):
             value = getattr(self, name)
             _check(
                 value is None or (bool(value.strip()) and value not in _RAY_BUILTIN_RESOURCES),
@@ -249,7 +249,7 @@ class DatabaseConfig:
     """Tokens per chunk m; must equal the model's chunk_len."""
     num_shards: int | None = 2
     """Shards of the training split (one index file and neighbour actor each); null: as many as
-    ``serve.memory_gb_per_actor`` needs for the estimated chunks (``db/build/sizing.py``)."""
+    ``pool.memory_gb_per_actor`` needs for the estimated chunks (``db/build/sizing.py``)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """Document source."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -265,7 +265,7 @@ class DatabaseConfig:
 
 
 @dataclass
-class ServeConfig:
+class PoolConfig:
     """The neighbour pool: one Ray actor per index shard."""
 
     replicas: int = 1
@@ -290,11 +290,11 @@ class ServeConfig:
     shards as the index, tokens and doc ids of the estimated chunks need at this budget."""
 
     def __post_init__(self) -> None:
-        _check(self.replicas >= 1, "serve.replicas", "must be >= 1")
-        _check(self.memory_gb_per_actor > 0, "serve.memory_gb_per_actor", "must be > 0")
-        _check(self.search_depth >= 1, "serve.search_depth", "must be >= 1")
-        _check(self.max_retries >= 0, "serve.max_retries", "must be >= 0")
-        _check(self.cpus_per_actor >= 0, "serve.cpus_per_actor", "must be >= 0")
+        _check(self.replicas >= 1, "pool.replicas", "must be >= 1")
+        _check(self.memory_gb_per_actor > 0, "pool.memory_gb_per_actor", "must be > 0")
+        _check(self.search_depth >= 1, "pool.search_depth", "must be >= 1")
+        _check(self.max_retries >= 0, "pool.max_retries", "must be >= 0")
+        _check(self.cpus_per_actor >= 0, "pool.cpus_per_actor", "must be >= 0")
 
 
 @dataclass
@@ -428,7 +428,7 @@ class PlatformConfig:
     """Retrieval database."""
     model: RetroConfig = field(default_factory=RetroConfig)
     """Model hyperparameters (vocab_size is taken from the database's tokenizer)."""
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     """Neighbour pool."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training."""

@@ -32,8 +32,8 @@ from retro_platform.db.corpus import MIRROR_SUFFIX, WIKIPEDIA, corpus_files, ite
 from retro_platform.errors import ConfigError, CorpusError, DatabaseError
 from retro_platform.evaluate import run_evaluation
 from retro_platform.generation import complete
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.ray_utils import ray_session
-from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.trainer import run_training
 
 logger = logging.getLogger(__name__)

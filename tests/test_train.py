@@ -16,7 +16,7 @@ from retro_model.checkpoint import load_model_dir
 from retro_platform.db.precompute import precompute_neighbors
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.tracking import load_retro_model
 from retro_platform.train.data import BatchLoader, SequenceSource, token_byte_lengths
 from retro_platform.train.trainer import run_training

@@ -31,7 +31,7 @@ import numpy as np
 from retro_platform.db.precompute import NeighborTableReader
 from retro_platform.db.store import ChunkStore, neighbor_tokens
 from retro_platform.errors import DatabaseError
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.pool import NeighborPool
 
 MODES = ("online", "precomputed")
 """Neighbour sources: the live pool, or the table written by `retro query-neighbors`."""

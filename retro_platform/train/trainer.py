@@ -41,9 +41,9 @@ from retro_platform.config import PlatformConfig
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database
 from retro_platform.errors import CheckpointError
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.output import ray_train_log_level
 from retro_platform.ray_utils import ray_session, runtime_env_vars
-from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.loop import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
