@@ -242,3 +242,95 @@ def test_a_posted_document_is_read_by_the_next_completion_and_is_durable(service
     # the same id again is refused by the add-docs stage, naming the document
     status, refused = call(url + "/v1/documents", {"documents": [{"id": "zorblatt", "text": "again"}]})
     assert status == 422 and "zorblatt" in refused["error"]
+
+
+PAGE_DOCUMENT = (
+    "The Orvel Lantern Festival is held every autumn in the mountain village of Kestrin Vale, where the "
+    "villagers float seven hundred paper lanterns down the river Aumer to remember the flood of 1897. "
+    "Each lantern carries the name of a family, and the last one is lit by the oldest person of the village."
+)
+
+
+def test_the_page_streams_a_completion_shows_its_neighbours_and_adds_a_document(service, tmp_path):
+    """Loads the page in Debian's chromium (headless, through chromedriver), adds a document with the
+    form, submits a prompt taken from it, waits for the streamed text and checks the neighbours shown
+    (scores and the added document's text)."""
+    import os
+    import shutil as sh
+
+    browser, driver_path = sh.which("chromium"), sh.which("chromedriver")
+    if not browser or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, url, _ = service
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(url + "/")
+        WebDriverWait(driver, 30).until(lambda d: "documents" in d.find_element(By.ID, "info").text)
+        driver.find_element(By.ID, "doc_id").send_keys("orvel-lanterns")
+        driver.find_element(By.ID, "doc_text").send_keys(PAGE_DOCUMENT * 2)
+        driver.find_element(By.ID, "add").click()
+        WebDriverWait(driver, 120).until(lambda d: "added" in d.find_element(By.ID, "doc_status").text)
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys(PAGE_DOCUMENT)
+        max_tokens = driver.find_element(By.ID, "max_tokens")
+        max_tokens.clear()
+        max_tokens.send_keys("16")
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, 120).until(
+            lambda d: d.find_element(By.ID, "completion").get_attribute("data-done") == "true"
+        )
+        assert driver.find_element(By.ID, "generated").text.strip()
+        assert "16 tokens" in driver.find_element(By.ID, "status").text
+        neighbours = driver.find_elements(By.CSS_SELECTOR, "#neighbors .neighbor")
+        assert neighbours
+        scores = [float(n.find_element(By.CLASS_NAME, "score").text) for n in neighbours]
+        assert all(-1.0 <= s <= 1.0 for s in scores)
+        assert any("Kestrin Vale" in n.text for n in neighbours)  # the document the form added
+        if os.environ.get("RETRO_PAGE_SCREENSHOT"):
+            driver.save_screenshot(os.environ["RETRO_PAGE_SCREENSHOT"])
+    finally:
+        driver.quit()
+
+
+def test_a_replica_killed_under_load_loses_no_request_beyond_client_retries(service):
+    """The generator replica is killed (Ray actor kill) while 6 requests run; each client retries a
+    failed request up to 3 times. Every request completes, and the service keeps answering."""
+    import ray
+
+    _, url, _ = service
+
+    def with_retries(i: int, results: dict) -> None:
+        for attempt in range(4):
+            try:
+                status, body = call(url + "/v1/completions", {"prompt": PROMPT + f" {i}", "max_tokens": 24})
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                status, body = 0, None
+            if status == 200:
+                results[i] = (attempt, body["text"])
+                return
+            time.sleep(1 + attempt)
+        results[i] = (None, body)
+
+    results: dict[int, tuple] = {}
+    threads = [threading.Thread(target=with_retries, args=(i, results)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    status, info = call(url + "/v1/info")  # the (only) generator replica names its actor
+    assert status == 200 and info["replica"]["actor"]
+    ray.kill(ray.get_actor(info["replica"]["actor"], namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(results) == list(range(6))
+    assert all(attempt is not None for attempt, _ in results.values()), results
+    assert completion(url, "After the restart")["usage"]["completion_tokens"] == 24

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -295,6 +296,7 @@ class Generator:
             },
             "replica": {
                 "pid": self.replica,
+                "actor": ray.get_runtime_context().get_actor_name(),
                 "steps": self.engine.steps,
                 "mean_batch": self.engine.batched_rows / max(1, self.engine.steps),
             },
