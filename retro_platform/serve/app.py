@@ -243,6 +243,8 @@ class Generator:
                         "prompt_tokens": len(row.prompt_ids),
                         "completion_tokens": len(row.new_ids),
                         "first_token_s": row.first_token_s,
+                        "retrieval_s": row.retrieval_s,
+                        "retrieved_chunks": len(row.chunks),
                         "total_s": time.perf_counter() - row.started,
                     },
                     "replica": self.replica,

@@ -47,6 +47,8 @@ class Row:
     """Per retrieving chunk: its text and the neighbours read."""
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
+    retrieval_s: float = 0.0
+    """Seconds this row waited for neighbour lookups (each shared with the rows of the same step)."""
     handle: int | None = None
     """The row's id in the BatchGenerator."""
 
@@ -149,6 +151,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.generator = BatchGenerator(model, retrieve_many=self._retrieve_many, eos_id=eos_id)
         self._read: dict[int, list[dict[str, Any]]] = {}
+        self._lookup_s = 0.0
 
     def submit(self, row: Row) -> None:
         """Queue a row; the loop admits it at its next step."""
@@ -158,7 +161,9 @@ class Engine:
 
     def _retrieve_many(self, handles: list[int], chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         """The neighbours of the chunks rows completed (one lookup for all) -> tokens [k, r] each."""
+        t0 = time.perf_counter()
         found = self.lookup(chunks)
+        self._lookup_s = time.perf_counter() - t0
         for handle, chunk, (_, read) in zip(handles, chunks, found, strict=True):
             self._read.setdefault(handle, []).append({"chunk": self.tokenizer.decode(chunk.tolist()), **read})
         return [tokens for tokens, _ in found]
@@ -203,9 +208,13 @@ class Engine:
                 continue
             self.steps += 1
             self.batched_rows += len(self.active)
+            lookup_s, self._lookup_s = self._lookup_s, 0.0
             still = []
             for row in self.active:
-                for read in self._read.pop(row.handle, []):
+                reads = self._read.pop(row.handle, [])
+                if reads:
+                    row.retrieval_s += lookup_s
+                for read in reads:
                     row.chunks.append(read)
                     row.events.put_nowait({"chunk": read})
                 ids = produced.get(row.handle, [])
