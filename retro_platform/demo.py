@@ -454,4 +454,9 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
             f"\ndone in {time.perf_counter() - t0:.0f}s. MLflow store: {config.tracking_uri}\n"
             f"open the UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000"
         )
+        registered = trained["retro"].get("registered_model", "").rsplit("/", 1)[0]
+        print(
+            f"serve the RETRO model over HTTP (a page at http://{config.serve.host}:{config.serve.port}/, "
+            f"documents added while it runs): retro serve --model {registered}/latest"
+        )
         return {"rows": rows, "completion": text, "update": update, "scores": scores}
