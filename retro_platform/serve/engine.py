@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from retro_model.generate import sample_next
+from retro_model.generate import BatchGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -51,81 +51,6 @@ class Row:
     """Seconds this row waited for neighbour lookups (each shared with the rows of the same step)."""
     handle: int | None = None
     """The row's id in the BatchGenerator."""
-
-
-@dataclass
-class _Sequence:
-    tokens: list[int]
-    max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    generator: torch.Generator | None
-    cache: Any
-    neighbors: dict[int, torch.Tensor] = field(default_factory=dict)
-    fed: int = 0
-    produced: int = 0
-    done: bool = False
-
-
-class BatchGenerator:
-    """Rows of generation stepped together (interface of the batched decoder): ``add`` a prompt ->
-    handle, ``step`` every unfinished row by one token -> new ids per handle, ``finished``, ``remove``.
-    ``retrieve_many(handles, chunks)`` gets the chunks rows completed, once per step for all rows."""
-
-    def __init__(self, model, retrieve_many=None, eos_id: int | None = None):
-        self.model = model
-        self.retrieve_many = retrieve_many
-        self.eos_id = eos_id
-        self.rows: dict[int, _Sequence] = {}
-        self._next = 0
-
-    def add(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None) -> int:
-        """Start a row -> its handle."""
-        handle, self._next = self._next, self._next + 1
-        self.rows[handle] = _Sequence(
-            prompt.reshape(-1).tolist(),
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            generator,
-            self.model.new_cache(),
-        )
-        return handle
-
-    def finished(self, handle: int) -> bool:
-        """Whether a row reached its max_new_tokens or the end-of-document token."""
-        return self.rows[handle].done
-
-    def remove(self, handle: int) -> None:
-        """Forget a row."""
-        self.rows.pop(handle, None)
-
-    def step(self) -> dict[int, list[int]]:
-        """One token for every unfinished row -> {handle: [new token id]}."""
-        m = self.model.config.chunk_len
-        live = {h: r for h, r in self.rows.items() if not r.done}
-        if self.retrieve_many is not None and self.model.config.retrieval:
-            wanted = [
-                (h, u) for h, r in live.items() for u in range(len(r.tokens) // m) if u not in r.neighbors
-            ]
-            if wanted:
-                chunks = [torch.tensor(live[h].tokens[u * m : (u + 1) * m]) for h, u in wanted]
-                found = self.retrieve_many([h for h, _ in wanted], chunks)
-                for (h, u), tokens in zip(wanted, found, strict=True):
-                    live[h].neighbors[u] = tokens.unsqueeze(0)
-        out = {}
-        for h, r in live.items():
-            new = torch.tensor([r.tokens[r.fed :]])
-            logits = self.model.forward_incremental(new, r.cache, r.neighbors)[:, -1]
-            r.fed = len(r.tokens)
-            token = int(sample_next(logits, r.temperature, r.top_k, r.top_p, r.generator)[0])
-            r.tokens.append(token)
-            r.produced += 1
-            r.done = r.produced >= r.max_new_tokens or (self.eos_id is not None and token == self.eos_id)
-            out[h] = [token]
-        return out
 
 
 class Engine:
