@@ -334,3 +334,19 @@ def test_a_replica_killed_under_load_loses_no_request_beyond_client_retries(serv
     assert sorted(results) == list(range(6))
     assert all(attempt is not None for attempt, _ in results.values()), results
     assert completion(url, "After the restart")["usage"]["completion_tokens"] == 24
+
+
+def test_a_model_trained_with_another_tokenizer_is_refused_before_any_replica_starts(debug_db, tmp_path):
+    from retro_platform.errors import CheckpointError
+    from retro_platform.serve.app import check_service
+
+    config, manifest = debug_db
+    model = Retro(model_for_database(config, manifest).model)
+    checkpoint = tmp_path / "other"
+    save_model_dir(checkpoint, model, extra={"step": 1, "tokenizer_sha256": "0" * 64})
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        check_service(config, str(checkpoint))
+    with pytest.raises(CheckpointError, match="models:/no-such-model/1"):
+        check_service(config, "models:/no-such-model/1")
+    save_model_dir(checkpoint, model, extra={"step": 1, "tokenizer_sha256": manifest.tokenizer.sha256})
+    assert check_service(config, str(checkpoint))["retrieval"] is True
