@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 PEERS_VENV ?= $(abspath ../peers-venv)
 PEERS_PYTHON ?= python3.11
 
-.PHONY: install demo test test-fast test-reliability lint format bench bench-retrieval bench-peers peers-venv clean
+.PHONY: install browser demo test test-fast test-reliability lint format bench bench-retrieval bench-peers peers-venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/retro demo
 
-test: $(STAMP)
+# The page test of `retro serve` drives a real headless browser: Debian's chromium and its driver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)) || \
+		echo "warning: could not install chromium (the page test will be skipped)"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -x -q --durations=15
 
 test-reliability: $(STAMP)

@@ -5,7 +5,7 @@
 
 Simulates a cluster on this machine with ``ray.cluster_utils.Cluster``: a head with 0 CPUs (so nothing
 lands there) and ``--nodes`` worker nodes offering the ``serve`` resource (1 CPU each), the pool's shard
-actors asking for it (``ray.serve_resource``) and spread over the nodes. For each shard count a
+actors asking for it (``ray.pool_resource``) and spread over the nodes. For each shard count a
 synthetic database (``--per-shard`` clustered 384-d unit vectors per shard, Flat index, so the data
 grows with the shards as a real database does) is written to a temp folder with a real manifest, and
 the real ``NeighborPool`` (fan-out to every shard, top-k merge, neighbour tokens) answers batches of
@@ -142,7 +142,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from retro_platform.config import load_config
-    from retro_platform.serve.pool import NeighborPool
+    from retro_platform.neighbors.pool import NeighborPool
 
     queries = clustered(2048, seed=99)
     rows = []
@@ -159,7 +159,7 @@ def main() -> None:
             )
             try:
                 for _ in range(nodes):
-                    cluster.add_node(num_cpus=1, resources={"serve": 8}, object_store_memory=150 * 1024**2)
+                    cluster.add_node(num_cpus=1, resources={"pool": 8}, object_store_memory=150 * 1024**2)
                 ray.init(address=cluster.address, log_to_driver=False)
                 for shards in args.shards:
                     for replicas in args.replicas:
@@ -169,10 +169,10 @@ def main() -> None:
                                 f"work_dir={tmp}",
                                 f"database.path={Path(tmp) / f'db{shards}'}",
                                 f"ray.address={cluster.address}",
-                                "ray.serve_resource=serve",
-                                f"serve.replicas={replicas}",
+                                "ray.pool_resource=pool",
+                                f"pool.replicas={replicas}",
                                 # every actor must fit on the nodes' CPUs (else the pool never starts)
-                                f"serve.cpus_per_actor={min(0.5, nodes / (shards * replicas)):.3f}",
+                                f"pool.cpus_per_actor={min(0.5, nodes / (shards * replicas)):.3f}",
                                 "model.num_neighbors=2",
                             ],
                         )

@@ -213,8 +213,8 @@ def run_corpus(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[Any, 
     """Build the corpus' database, then train and evaluate every variant of every seed -> (config, result)."""
     from retro_platform.db.build import build_database
     from retro_platform.demo import variant
+    from retro_platform.neighbors.pool import NeighborPool
     from retro_platform.ray_utils import init_ray
-    from retro_platform.serve.pool import NeighborPool
 
     config, info = corpus_config(args, corpus, stamp)
     init_ray(config)  # no-op after the first corpus: one Ray for the whole invocation

@@ -350,8 +350,8 @@ def run_one(config, mode: str, before: bool, steps: int, eval_batches: int, out:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from retro_platform.neighbors.pool import NeighborPool
     from retro_platform.ray_utils import runtime_env_vars
-    from retro_platform.serve.pool import NeighborPool
 
     pool = NeighborPool.start(config, _manifest(config)) if mode == "online" else None
     try:
@@ -430,11 +430,11 @@ def main() -> None:
                 f"work_dir={work}",
                 f"database.path={db}",
                 f"train.storage_path={work / 'results'}",
-                "serve.cpus_per_actor=0.1",
-                f"serve.name=bench-memory-{size}",
+                "pool.cpus_per_actor=0.1",
+                f"pool.name=bench-memory-{size}",
             ]
             config = load_config("debug", base)
-            k_candidates = config.model.num_neighbors * config.serve.search_depth
+            k_candidates = config.model.num_neighbors * config.pool.search_depth
             write_database(db, size, config.database.chunk_len, k_candidates)
             config = model_for_database(config, _manifest(config))
             variants = [(mode, False) for mode in args.modes]

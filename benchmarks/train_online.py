@@ -151,8 +151,8 @@ def run_paired(config, pairs: int, block: int, out: Path) -> list[tuple[str, flo
 
     from retro_platform.checkpoints import model_for_database
     from retro_platform.db.manifest import validate_database
+    from retro_platform.neighbors.pool import NeighborPool
     from retro_platform.ray_utils import runtime_env_vars
-    from retro_platform.serve.pool import NeighborPool
 
     manifest = validate_database(config.db_path)
     config = model_for_database(config, manifest)

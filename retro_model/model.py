@@ -20,7 +20,9 @@ No token ever sees neighbours retrieved with tokens after it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -84,27 +86,22 @@ class SelfAttention(nn.Module):
         sin: Tensor,
         causal: bool,
         key_mask: Tensor | None = None,
-        cache: LayerCache | None = None,
+        cache: LayerCache | RowsKV | None = None,
         norm: RMSNorm | None = None,
     ) -> Tensor:
         """x [B, t, dim] -> [B, t, dim] (``norm``: apply it to x first, as a pre-norm layer does).
 
-        key_mask [B, t] (True = attend) masks padding keys (bidirectional use). With ``cache`` the t new
-        tokens follow the cached ones: their keys/values are appended and they attend to all of them.
+        cos/sin [t, s/2] rotate the t tokens (or [B, t, s/2]: each row at its own positions). key_mask
+        [B, t] (True = attend) masks padding keys (bidirectional use). With ``cache`` the t new tokens
+        follow the cached ones: ``cache.update`` stores their keys/values and returns every key/value
+        they attend to, with the mask that keeps each token from later (or padding) positions.
         """
         bsz, t, dim = x.shape
         qkv = project(x, self.qkv, norm).view(bsz, t, 3, self.heads, dim // self.heads)
         q, k, v = rotary_qkv(qkv, cos, sin)  # each (B, h, t, s)
         mask = None
         if cache is not None:
-            if cache.k is not None:
-                k = torch.cat((cache.k, k), dim=2)
-                v = torch.cat((cache.v, v), dim=2)
-            cache.k, cache.v = k, v
-            past = k.shape[2] - t
-            if causal and t > 1:
-                # new token i (absolute past + i) sees keys 0 .. past + i
-                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            k, v, mask = cache.update(k, v, causal)
             causal = False
         elif key_mask is not None:
             mask = key_mask[:, None, None, :]  # (B, 1, 1, t)
@@ -120,6 +117,7 @@ class SelfAttention(nn.Module):
 class CrossPositions:
     """Token positions of a cross-attention's queries [t] and keys [c] (int64), for its position scheme.
 
+    The queries may also be [B, t]: each row of the batch at its own positions (batched decoding).
     ``offset`` makes ``key - query + offset`` an index into a table of relative distances
     (``config.cross_positions == "relative"``).
     """
@@ -129,8 +127,9 @@ class CrossPositions:
     offset: int
 
     def distance_index(self, num_distances: int) -> Tensor:
-        """[t, c] index of each (query, key) pair's relative distance in a table of ``num_distances``."""
-        return (self.key[None, :] - self.query[:, None] + self.offset).clamp(0, num_distances - 1)
+        """[t, c] (or [B, t, c]) index of each (query, key) pair's relative distance in a table of
+        ``num_distances``."""
+        return (self.key - self.query.unsqueeze(-1) + self.offset).clamp(0, num_distances - 1)
 
 
 ALIGNED_PRIOR_SLOPE = 8.0
@@ -212,16 +211,23 @@ class CrossAttention(nn.Module):
         ``pos`` (query and key positions) is required unless ``positions == "none"``; ``rotary`` the
         cos/sin tables [>= max position + 1, s/2] for "rotary".
         """
-        bsz, t, dim = x.shape
-        s = dim // self.heads
-        q = project(x, self.q, norm).view(bsz, t, self.heads, s).transpose(1, 2)  # (B, h, t, s)
+        k, v = self.context_kv(context, pos, rotary)
+        return self.attend(x, k, v, context_mask, norm, pos, rotary)
+
+    def context_kv(
+        self, context: Tensor, pos: CrossPositions | None = None, rotary: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, h, c', s] of a context [B, c, ctx_dim] (c' = 1 + c with the null key/value
+        first), with the key positions applied ("rotary": rotated keys; "relative": previous-token keys).
+
+        They depend on ``pos.key`` only, so a context that many queries read (a chunk's neighbours, read
+        by the m tokens of its attending window during decoding) is projected once and passed to ``attend``.
+        """
         k, v = kv_heads(self.kv(context), self.null_kv, self.heads)  # each (B, h, c', s), c' = [1 +] c
         first = 0 if self.null_kv is None else 1  # the null key has no position
-        bias = None
         if self.positions == "rotary":
             cos, sin = rotary
             half = self.heads // 2
-            q = torch.cat((apply_rotary(q[:, :half], cos[pos.query], sin[pos.query]), q[:, half:]), 1)
             k_pos = apply_rotary(k[:, :half, first:], cos[pos.key], sin[pos.key])
             k = torch.cat((torch.cat((k[:, :half, :first], k_pos), 2), k[:, half:]), 1)
         elif self.positions == "relative":
@@ -230,8 +236,39 @@ class CrossAttention(nn.Module):
             previous = F.pad(body[:, :, :-1], (0, 0, 1, 0)) * has_prev
             body = body + self.key_shift.to(k.dtype)[None, :, None, None] * previous
             k = torch.cat((k[:, :, :first], body), 2)
-            bias = self.rel_bias[:, pos.distance_index(self.rel_bias.shape[1])]  # (h, t, c)
-            bias = F.pad(bias, (first, 0)).to(q.dtype)[None]  # (1, h, t, c')
+        return k, v
+
+    def attend(
+        self,
+        x: Tensor,
+        k: Tensor,
+        v: Tensor,
+        context_mask: Tensor | None = None,
+        norm: RMSNorm | None = None,
+        pos: CrossPositions | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Queries x [B, t, dim] attend to keys/values [B, h, c', s] from ``context_kv`` -> [B, t, dim].
+
+        context_mask [B, c] (True = attend) masks the context tokens (never the null key). ``pos`` holds
+        the query positions, [t] or [B, t] (each row at its own positions), and the key positions.
+        """
+        bsz, t, dim = x.shape
+        s = dim // self.heads
+        q = project(x, self.q, norm).view(bsz, t, self.heads, s).transpose(1, 2)  # (B, h, t, s)
+        first = 0 if self.null_kv is None else 1  # the null key has no position
+        bias = None
+        if self.positions == "rotary":
+            cos, sin = rotary
+            cos, sin = cos[pos.query], sin[pos.query]  # (t, s/2) or (B, t, s/2)
+            if cos.dim() == 3:
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, t, s/2) against (B, h, t, s/2)
+            half = self.heads // 2
+            q = torch.cat((apply_rotary(q[:, :half], cos, sin), q[:, half:]), 1)
+        elif self.positions == "relative":
+            bias = self.rel_bias[:, pos.distance_index(self.rel_bias.shape[1])]  # (h, t, c) or (h, B, t, c)
+            bias = bias[None] if bias.dim() == 3 else bias.transpose(0, 1)  # (1 or B, h, t, c)
+            bias = F.pad(bias, (first, 0)).to(q.dtype)  # (1 or B, h, t, c')
         mask = bias
         if context_mask is not None:
             if self.null_kv is not None:
@@ -355,6 +392,27 @@ class DecoderLayer(nn.Module):
         self.norm_ff = RMSNorm(d, config.norm_eps)
         self.ff = FeedForward(d, config.ff_width, config.dropout, config.activation)
 
+    def forward(
+        self,
+        h: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: LayerCache | RowsKV | None = None,
+        cross: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """h [B, t, d] -> [B, t, d]: causal self-attention, chunked cross-attention, MLP (pre-norm residuals).
+
+        cos/sin: rotary tables of the t positions ([t, s/2], or [B, t, s/2] with each row at its own
+        positions). ``cache``: this layer's self-attention keys/values of the earlier tokens (None: the
+        t tokens are the whole sequence). ``cross``: the chunked cross-attention residual as a function
+        of the hidden states after self-attention (each caller knows which neighbours its tokens
+        read); None, or a layer without CCA, adds none.
+        """
+        h = h + self.attn(h, cos, sin, causal=True, cache=cache, norm=self.norm_attn)
+        if cross is not None and self.has_cca:
+            h = h + cross(h)
+        return h + self.ff(h, norm=self.norm_ff)
+
 
 @dataclass
 class LayerCache:
@@ -362,6 +420,45 @@ class LayerCache:
 
     k: Tensor | None = None
     v: Tensor | None = None
+
+    def update(self, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Append the keys/values [b, h, t, s] of t new tokens -> (every key, every value, mask [t,
+        past + t] (True = attend) or None when nothing needs masking)."""
+        t = k.shape[2]
+        if self.k is not None:
+            k = torch.cat((self.k, k), dim=2)
+            v = torch.cat((self.v, v), dim=2)
+        self.k, self.v = k, v
+        past = k.shape[2] - t
+        mask = None
+        if causal and t > 1:
+            # new token i (absolute past + i) sees keys 0 .. past + i
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=k.device).tril(diagonal=past)
+        return k, v, mask
+
+
+@dataclass
+class RowsKV:
+    """One decoder layer's keys/values of the rows of a ``DecodeBatch`` during one ``decode_step``:
+    every row gets one new token at its own position, written in place into the layer's padded store."""
+
+    keys: Tensor
+    """The layer's key store [rows capacity, h, length capacity, s]."""
+    values: Tensor
+    """The layer's value store, same shape."""
+    positions: Tensor
+    """[b] position of each row's new token (its length before the step)."""
+    key_mask: Tensor
+    """[b, 1, 1, T] True for the keys row i attends (0 .. positions[i]); T = longest row + 1."""
+
+    def update(self, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Store the new keys/values [b, h, 1, s] at each row's position -> (keys, values [b, h, T, s],
+        the padding and causal mask)."""
+        b, t = k.shape[0], self.key_mask.shape[-1]
+        rows = torch.arange(b, device=k.device)
+        self.keys[rows, :, self.positions] = k[:, :, 0]  # (b, h, s) written at (row, :, position)
+        self.values[rows, :, self.positions] = v[:, :, 0]
+        return self.keys[:b, :, :t], self.values[:b, :, :t], self.key_mask
 
 
 @dataclass
@@ -375,6 +472,10 @@ class DecodeCache:
     """Normed hidden states [b, length, d] at the input of the first CCA layer (encoder conditioning)."""
     encoded: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
     """chunk index -> (encoded neighbours [b, k, r, e], key mask [b, k*r] or None)."""
+    cross_kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """(decoder layer, chunk index) -> that layer's CCA keys/values [b, h, 1 + k*r, s] of the chunk's
+    encoded neighbours: projected once per chunk, not once per token (chunks no later token reads
+    are dropped)."""
 
 
 RETRIEVAL_MODULES = ("enc_in", "enc_cond_norm", "encoder.", "enc_norm")
@@ -516,10 +617,36 @@ class Retro(nn.Module):
 
     def _cca_positions(self, k: int, r: int, window_offsets: Tensor) -> CrossPositions:
         """Positions for chunked cross-attention: query i of an attending window (``window_offsets``,
-        0..m-1) sits m-1+i tokens after the start of the chunk that retrieved; neighbour token j at j."""
+        0..m-1, [t] or [B, t]) sits m-1+i tokens after the start of the chunk that retrieved; neighbour
+        token j at j."""
         m = self.config.chunk_len
         keys = torch.arange(k * r, device=window_offsets.device) % r
         return CrossPositions(window_offsets + m - 1, keys, offset=2 * m - 2)
+
+    def _cca_rotary(self) -> tuple[Tensor, Tensor] | None:
+        """The CCA's rotary tables (``cross_positions == "rotary"``), else None."""
+        return (self.cca_cos, self.cca_sin) if self.config.cross_positions == "rotary" else None
+
+    def _cca_context(self, layer: DecoderLayer, encoded: Tensor) -> tuple[Tensor, Tensor]:
+        """A CCA layer's keys/values [B, h, 1 + k*r, s] of encoded neighbours [B, k, r, e]."""
+        bsz, k, r, e = encoded.shape
+        pos = self._cca_positions(k, r, torch.zeros(1, dtype=torch.long, device=encoded.device))
+        return layer.cca.context_kv(encoded.reshape(bsz, k * r, e), pos, self._cca_rotary())
+
+    def _cca_read(
+        self,
+        layer: DecoderLayer,
+        x: Tensor,
+        kv: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        neighbor_shape: tuple[int, int],
+        window_offsets: Tensor,
+    ) -> Tensor:
+        """One CCA layer for queries x [B, t, d] at ``window_offsets`` ([t], or [B, t] per row) of their
+        attending windows, reading the keys/values ``_cca_context`` made of encoded neighbours of
+        ``neighbor_shape`` (k, r) (mask [B, k*r] or None) -> [B, t, d]."""
+        pos = self._cca_positions(*neighbor_shape, window_offsets)
+        return layer.cca.attend(x, *kv, mask, norm=layer.norm_cca, pos=pos, rotary=self._cca_rotary())
 
     def _encoder_positions(self, k: int, r: int, device: torch.device) -> CrossPositions:
         """Positions for the encoder's cross-attention: neighbour token j (query) at j, chunk token i at i."""
@@ -559,9 +686,8 @@ class Retro(nn.Module):
         reading encoded neighbours [B, k, r, e] (mask [B, k*r] or None) -> [B, t, d]."""
         bsz, k, r, e = encoded.shape
         pos = self._cca_positions(k, r, window_offsets)
-        rotary = (self.cca_cos, self.cca_sin) if self.config.cross_positions == "rotary" else None
         context = encoded.view(bsz, k * r, e)  # (B, k*r, e)
-        return layer.cca(x, context, mask, norm=layer.norm_cca, pos=pos, rotary=rotary)
+        return layer.cca(x, context, mask, norm=layer.norm_cca, pos=pos, rotary=self._cca_rotary())
 
     def _chunked_cross_attention(
         self, layer: DecoderLayer, h: Tensor, encoded: Tensor, cca_mask: Tensor | None
@@ -614,17 +740,18 @@ class Retro(nn.Module):
             )
         cos, sin = self.cos[:n], self.sin[:n]
         h = self.embed(tokens)  # (b, n, d)
-        encoded = cca_mask = None
+        encoded: list[tuple[Tensor, Tensor | None]] = []  # (encoded neighbours, mask), once computed
+
+        def cross(layer: DecoderLayer, h: Tensor) -> Tensor:
+            if not encoded:
+                # condition on the hidden states of each complete chunk (input of the first CCA layer)
+                chunks = self.enc_cond_norm(h[:, : num_chunks * m]).reshape(b * num_chunks, m, -1)
+                nbrs = neighbors[:, :num_chunks].reshape(b * num_chunks, *neighbors.shape[2:])
+                encoded.append(self.encode_neighbors(nbrs, chunks))
+            return self._chunked_cross_attention(layer, h, *encoded[0])
+
         for layer in self.layers:
-            h = h + layer.attn(h, cos, sin, causal=True, norm=layer.norm_attn)
-            if use_retrieval and layer.has_cca:
-                if encoded is None:
-                    # condition on the hidden states of each complete chunk (input of the first CCA layer)
-                    chunks = self.enc_cond_norm(h[:, : num_chunks * m]).reshape(b * num_chunks, m, -1)
-                    nbrs = neighbors[:, :num_chunks].reshape(b * num_chunks, *neighbors.shape[2:])
-                    encoded, cca_mask = self.encode_neighbors(nbrs, chunks)
-                h = h + self._chunked_cross_attention(layer, h, encoded, cca_mask)
-            h = h + layer.ff(h, norm=layer.norm_ff)
+            h = layer(h, cos, sin, cross=partial(cross, layer) if use_retrieval else None)
         h = self.norm(h)
         if targets is None:
             return self.head(h), None
@@ -667,10 +794,9 @@ class Retro(nn.Module):
         cos, sin = self.cos[start:end], self.sin[start:end]
         positions = torch.arange(start, end)
         attended_chunk = (positions + 1) // m - 1  # chunk whose neighbours position p attends (-1: none)
-        h = self.embed(tokens)
-        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers, strict=True)):
-            h = h + layer.attn(layer.norm_attn(h), cos, sin, causal=True, cache=layer_cache)
-            if cfg.retrieval and i == self.first_cca:
+
+        def cross(i: int, h: Tensor) -> Tensor:
+            if i == self.first_cca:
                 cond = self.enc_cond_norm(h)
                 cache.cond_hidden = (
                     cond if cache.cond_hidden is None else torch.cat((cache.cond_hidden, cond), 1)
@@ -679,16 +805,309 @@ class Retro(nn.Module):
                     if neighbors is not None and u in neighbors and u not in cache.encoded:
                         chunk = cache.cond_hidden[:, u * m : (u + 1) * m]  # (b, m, d)
                         cache.encoded[u] = self.encode_neighbors(neighbors[u], chunk)
-            if cfg.retrieval and layer.has_cca:
-                residual = torch.zeros_like(h)
-                for u in attended_chunk.unique().tolist():
-                    if u < 0 or u not in cache.encoded:
-                        continue
-                    sel = (attended_chunk == u).nonzero().squeeze(1)
-                    encoded, mask = cache.encoded[u]
-                    offsets = positions[sel] - ((u + 1) * m - 1)  # offsets within chunk u's window
-                    residual[:, sel] = self._cca(layer, h[:, sel], encoded, mask, offsets)
-                h = h + residual
-            h = h + layer.ff(layer.norm_ff(h))
+            layer = self.layers[i]
+            residual = torch.zeros_like(h)
+            for u in attended_chunk.unique().tolist():
+                if u < 0 or u not in cache.encoded:
+                    continue
+                sel = (attended_chunk == u).nonzero().squeeze(1)
+                encoded, mask = cache.encoded[u]
+                kv = cache.cross_kv.get((i, u))
+                if kv is None:
+                    kv = cache.cross_kv[(i, u)] = self._cca_context(layer, encoded)
+                offsets = positions[sel] - ((u + 1) * m - 1)  # offsets within chunk u's window
+                residual[:, sel] = self._cca_read(layer, h[:, sel], kv, mask, encoded.shape[1:3], offsets)
+            return residual
+
+        h = self.embed(tokens)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers, strict=True)):
+            h = layer(h, cos, sin, cache=layer_cache, cross=partial(cross, i) if cfg.retrieval else None)
         cache.length = end
+        for key in [key for key in cache.cross_kv if key[1] < end // m - 1]:
+            del cache.cross_kv[key]  # no later token reads chunks before the one its position attends
         return self.head(self.norm(h))
+
+    # ---- batched decoding (sequences at their own lengths) ----------------------------------------------
+    def new_batch(self) -> DecodeBatch:
+        """An empty ``DecodeBatch`` for ``decode_step``."""
+        return DecodeBatch(self)
+
+    @torch.inference_mode()
+    def decode_step(
+        self,
+        tokens: Tensor,
+        batch: DecodeBatch,
+        neighbors: Sequence[Mapping[int, Tensor] | None] | None = None,
+    ) -> Tensor:
+        """Feed one new token to every sequence of ``batch`` in one forward pass -> logits [b, V].
+
+        tokens [b]: row i's next token, at position ``batch.lengths[i]`` (rows may have any lengths).
+        ``neighbors[i]`` maps a chunk index to row i's neighbours [k, r] (or [1, k, r]); it must hold the
+        chunk that row i's token completes, if any and if that row retrieves (the token attends to them
+        at once, as in ``forward_incremental``); other entries are ignored. Every row must retrieve the
+        same k and r. Each row gets the logits ``forward_incremental`` gives its sequence alone (up to
+        float rounding): its keys/values are padded to the longest row's and the padding is masked, its
+        rotary angles are its own, its CCA reads its own chunk's neighbours, and a row that completes a
+        chunk encodes that chunk's neighbours conditioned on its own hidden states.
+        """
+        cfg = self.config
+        n = len(batch)
+        if batch.model is not self:
+            raise ValueError("decode_step needs a DecodeBatch of this model (model.new_batch())")
+        if tokens.shape != (n,):
+            raise ValueError(f"tokens must be [b={n}] (one per row of the batch), got {tuple(tokens.shape)}")
+        if neighbors is not None and len(neighbors) != n:
+            raise ValueError(f"neighbors must hold one mapping per row ({n}), got {len(neighbors)}")
+        if n == 0:
+            return self.head.weight.new_empty(0, cfg.vocab_size)
+        lengths = list(batch.lengths)
+        longest = max(lengths)
+        if longest + 1 > cfg.max_seq_len:
+            raise ValueError(f"decoding past max_seq_len={cfg.max_seq_len}; raise model.max_seq_len")
+        batch.reserve(n, longest + 1)
+        device = tokens.device
+        positions = torch.tensor(lengths, device=device)
+        key_mask = (torch.arange(longest + 1, device=device) <= positions[:, None])[:, None, None]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (b, 1, s/2): per row
+        reading: list[_Reading] = []  # set at the first CCA layer
+
+        def cross(i: int, h: Tensor) -> Tensor:
+            if i == self.first_cca:
+                reading.append(self._decode_condition(h, batch, lengths, positions, neighbors))
+            read = reading[0]
+            if read.rows is None:  # no row reads neighbours at this step
+                return torch.zeros_like(h)
+            keys, values = batch.context[i]
+            mask = None if read.unpadded else batch.context_mask[:n]
+            kv = (keys[:n], values[:n])
+            out = self._cca_read(self.layers[i], h, kv, mask, batch.neighbor_shape, read.offsets[:, None])
+            return out if read.everyone else torch.where(read.rows[:, None, None], out, 0.0)
+
+        h = self.embed(tokens)[:, None]  # (b, 1, d)
+        for i, layer in enumerate(self.layers):
+            kv = RowsKV(batch.keys[i], batch.values[i], positions, key_mask)
+            h = layer(h, cos, sin, cache=kv, cross=partial(cross, i) if cfg.retrieval else None)
+        batch.lengths = [length + 1 for length in lengths]
+        return self.head(self.norm(h[:, 0]))
+
+    def _decode_condition(
+        self,
+        h: Tensor,
+        batch: DecodeBatch,
+        lengths: list[int],
+        positions: Tensor,
+        neighbors: Sequence[Mapping[int, Tensor] | None] | None,
+    ) -> _Reading:
+        """At the first CCA layer of a decode step: store each row's conditioning hidden state, encode
+        the neighbours of the chunks rows complete -> which rows read neighbours at this step."""
+        m = self.config.chunk_len
+        n = len(lengths)
+        rows = torch.arange(n, device=h.device)
+        batch.cond[rows, positions % m] = self.enc_cond_norm(h[:, 0])
+        completing: dict[tuple[int, int], list[tuple[int, int, Tensor]]] = {}  # neighbour shape -> rows
+        for row, length in enumerate(lengths):
+            u = length // m
+            if (length + 1) % m or neighbors is None or not neighbors[row] or u not in neighbors[row]:
+                continue
+            nbrs = neighbors[row][u]
+            nbrs = nbrs.reshape(nbrs.shape[-2:]).to(h.device)
+            completing.setdefault(tuple(nbrs.shape), []).append((row, u, nbrs))
+        for group in completing.values():
+            index = torch.tensor([row for row, _, _ in group], device=h.device)
+            encoded, mask = self.encode_neighbors(torch.stack([x for _, _, x in group]), batch.cond[index])
+            batch.set_context([row for row, _, _ in group], [u for _, u, _ in group], encoded, mask)
+        attended = [(length + 1) // m - 1 for length in lengths]
+        reads = [u >= 0 and batch.context_chunk[row] == u for row, u in enumerate(attended)]
+        offsets = [
+            length - ((u + 1) * m - 1) if read else 0
+            for length, u, read in zip(lengths, attended, reads, strict=True)
+        ]
+        return _Reading(
+            rows=torch.tensor(reads, device=h.device) if any(reads) else None,
+            offsets=torch.tensor(offsets, device=h.device),
+            everyone=all(reads),
+            unpadded=all(batch.context_full[row] for row, read in enumerate(reads) if read),
+        )
+
+
+@dataclass
+class _Reading:
+    """Which rows of a decode step read neighbours (their chunk's are encoded) and where."""
+
+    rows: Tensor | None
+    """[b] True for the rows that read; None when no row does."""
+    offsets: Tensor
+    """[b] each reading row's offset in its chunk's attending window (0 for the others)."""
+    everyone: bool
+    """Every row reads."""
+    unpadded: bool
+    """No reading row's neighbours hold padding (the CCA needs no mask)."""
+
+
+class DecodeBatch:
+    """Decoding state of several sequences, each at its own length, stepped together by
+    ``Retro.decode_step`` (one forward pass per step for all of them).
+
+    Row i is one sequence: its self-attention keys/values (positions 0 .. lengths[i]-1 of a padded
+    store [rows, h, capacity, s] per layer; decode_step masks the rest), the conditioning hidden states
+    of its current chunk [m, d], and the CCA keys/values of the neighbours its next tokens read (chunk
+    ``context_chunk[i]``, -1 for none). A sequence enters with ``add`` (its prompt prefilled by
+    ``Retro.forward_incremental`` into a one-sequence ``DecodeCache``) and leaves with ``remove`` (the
+    last row moves into its place). The stores grow (doubling) as rows and lengths need; a step writes
+    one position per row in place, so it copies no cache. The stores are inference tensors: every
+    method and ``decode_step`` runs in ``torch.inference_mode``, whatever the caller's mode.
+    """
+
+    def __init__(self, model: Retro):
+        self.model = model
+        cfg = model.config
+        self.lengths: list[int] = []
+        """Tokens each row has processed (its next token's position)."""
+        self.context_chunk: list[int] = []
+        """Chunk whose neighbours each row's CCA stores hold (-1: none yet)."""
+        self.context_full: list[bool] = []
+        """Whether each row's neighbours are free of padding (its CCA mask is all True)."""
+        self.neighbor_shape: tuple[int, int] | None = None
+        """(k, r) of every row's neighbours, fixed by the first encoded."""
+        self._weight = model.embed.weight
+        self._heads = cfg.n_heads
+        self._head_size = cfg.d_model // cfg.n_heads
+        self._rows = self._length = 0  # capacities
+        self.keys: list[Tensor] = []
+        """Per decoder layer, the key store [rows capacity, h, length capacity, s]."""
+        self.values: list[Tensor] = []
+        """Per decoder layer, the value store (same shape)."""
+        self.cond = self._zeros(0, cfg.chunk_len, cfg.d_model)
+        """[rows capacity, m, d] normed hidden states of each row's current chunk (encoder conditioning)."""
+        self.context: dict[int, tuple[Tensor, Tensor]] = {}
+        """CCA decoder layer -> keys, values [rows capacity, h, 1 + k*r, s] of each row's neighbours."""
+        self.context_mask = self._zeros(0, 0, dtype=torch.bool)
+        """[rows capacity, k*r] True for the real (not padding) neighbour tokens of each row."""
+
+    def __len__(self) -> int:
+        """Number of sequences (rows)."""
+        return len(self.lengths)
+
+    def _zeros(self, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.zeros(shape, dtype=dtype or self._weight.dtype, device=self._weight.device)
+
+    @staticmethod
+    def _grown(store: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """A zero tensor of ``shape`` holding ``store`` in its leading corner."""
+        out = store.new_zeros(shape)
+        out[tuple(slice(0, size) for size in store.shape)] = store
+        return out
+
+    @torch.inference_mode()
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` sequences of up to ``length`` tokens (capacities at least double)."""
+        if rows <= self._rows and length <= self._length:
+            return
+        cfg = self.model.config
+        if rows > self._rows:
+            self._rows = max(rows, 2 * self._rows, 4)
+        if length > self._length:
+            m = cfg.chunk_len
+            grown = max(length, 2 * self._length, m)
+            self._length = min(cfg.max_seq_len, -(-grown // m) * m)  # whole chunks, up to max_seq_len
+        shape = (self._rows, self._heads, self._length, self._head_size)
+        if not self.keys:
+            self.keys = [self._zeros(*shape) for _ in self.model.layers]
+            self.values = [self._zeros(*shape) for _ in self.model.layers]
+        else:
+            self.keys = [self._grown(store, shape) for store in self.keys]
+            self.values = [self._grown(store, shape) for store in self.values]
+        self.cond = self._grown(self.cond, (self._rows, *self.cond.shape[1:]))
+        self.context_mask = self._grown(self.context_mask, (self._rows, self.context_mask.shape[1]))
+        self.context = {
+            i: tuple(self._grown(store, (self._rows, *store.shape[1:])) for store in kv)
+            for i, kv in self.context.items()
+        }
+
+    @torch.inference_mode()
+    def add(self, cache: DecodeCache) -> int:
+        """Add a sequence from the ``DecodeCache`` of its prefill (one sequence, at least one token,
+        made by ``forward_incremental`` of this model) -> its row (the last). The cache is not changed."""
+        model, cfg = self.model, self.model.config
+        m = cfg.chunk_len
+        length = cache.length
+        first = cache.layers[0].k
+        if length < 1 or first is None or first.shape[0] != 1:
+            raise ValueError("DecodeBatch.add takes the DecodeCache of one prefilled sequence")
+        if length >= cfg.max_seq_len:
+            raise ValueError(
+                f"a sequence of {length} tokens has no room left (max_seq_len={cfg.max_seq_len})"
+            )
+        row = len(self)
+        self.reserve(row + 1, length + 1)
+        for keys, values, layer_cache in zip(self.keys, self.values, cache.layers, strict=True):
+            keys[row, :, :length] = layer_cache.k[0]
+            values[row, :, :length] = layer_cache.v[0]
+        self.lengths.append(length)
+        self.context_chunk.append(-1)
+        self.context_full.append(True)
+        if cfg.retrieval:
+            start = length // m * m
+            self.cond[row, : length - start] = cache.cond_hidden[0, start:length]
+            u = (length + 1) // m - 1  # the chunk the next token reads (encoded if it is complete)
+            if u >= 0 and u in cache.encoded:
+                encoded, mask = cache.encoded[u]
+                kvs = {}
+                for i, layer in enumerate(model.layers):
+                    if layer.has_cca:
+                        kvs[i] = cache.cross_kv.get((i, u)) or model._cca_context(layer, encoded)
+                self.set_context([row], [u], encoded, mask, kvs)
+        return row
+
+    @torch.inference_mode()
+    def set_context(
+        self,
+        rows: list[int],
+        chunks: list[int],
+        encoded: Tensor,
+        mask: Tensor | None,
+        kvs: dict[int, tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
+        """Give ``rows`` the encoded neighbours [len(rows), k, r, e] (mask [len(rows), k*r] or None) of
+        their ``chunks``: every CCA layer's keys/values of them (``kvs``, computed unless given)."""
+        model = self.model
+        _, k, r, _ = encoded.shape
+        if self.neighbor_shape is None:
+            self.neighbor_shape = (k, r)
+            self.context_mask = self._zeros(self._rows, k * r, dtype=torch.bool)
+            c = 1 + k * r  # with the null key
+            for i, layer in enumerate(model.layers):
+                if layer.has_cca:
+                    shape = (self._rows, self._heads, c, self._head_size)
+                    self.context[i] = (self._zeros(*shape), self._zeros(*shape))
+        elif self.neighbor_shape != (k, r):
+            raise ValueError(
+                f"every sequence of a batch must retrieve the same number of neighbours and tokens "
+                f"(k, r) = {self.neighbor_shape}, got {(k, r)}"
+            )
+        index = torch.tensor(rows, device=encoded.device)
+        for i, (keys, values) in self.context.items():
+            kv = kvs[i] if kvs is not None else model._cca_context(model.layers[i], encoded)
+            keys[index] = kv[0].to(keys.dtype)
+            values[index] = kv[1].to(values.dtype)
+        self.context_mask[index] = True if mask is None else mask
+        for j, (row, u) in enumerate(zip(rows, chunks, strict=True)):
+            self.context_chunk[row] = u
+            self.context_full[row] = mask is None or bool(mask[j].all())
+
+    @torch.inference_mode()
+    def remove(self, row: int) -> None:
+        """Drop the sequence of ``row``; the last row moves into its place (the others keep theirs)."""
+        last = len(self) - 1
+        if not 0 <= row <= last:
+            raise IndexError(f"row {row} out of range for a batch of {len(self)}")
+        if row != last:
+            length = self.lengths[last]
+            for store in (*self.keys, *self.values):
+                store[row, :, :length] = store[last, :, :length]
+            for store in (self.cond, self.context_mask, *(s for kv in self.context.values() for s in kv)):
+                store[row] = store[last]
+            for values in (self.lengths, self.context_chunk, self.context_full):
+                values[row] = values[last]
+        for values in (self.lengths, self.context_chunk, self.context_full):
+            values.pop()

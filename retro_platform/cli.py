@@ -67,7 +67,7 @@ def cmd_add_docs(config: PlatformConfig, args: argparse.Namespace) -> None:
 
 def cmd_neighbors(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Print a chunk (or a text) and its neighbours with scores."""
-    from retro_platform.serve.inspect import show_neighbors
+    from retro_platform.neighbors.inspect import show_neighbors
 
     if (args.chunk_id is None) == (args.text is None):
         raise UserError("retro neighbors needs exactly one of --chunk-id N or --text '...'")
@@ -100,6 +100,20 @@ def cmd_compare(config: PlatformConfig, args: argparse.Namespace) -> None:
     from retro_platform.compare import compare_experiment
 
     compare_experiment(config, experiment=args.experiment)
+
+
+def cmd_serve(config: PlatformConfig, args: argparse.Namespace) -> None:
+    """Serve a trained model over HTTP on Ray Serve, with live retrieval, until interrupted."""
+    import dataclasses
+
+    from retro_platform.serve.app import start_service
+
+    if args.checkpoint and args.model:
+        raise UserError("retro serve takes one of --checkpoint DIR or --model URI, not both")
+    serve_cfg = config.serve
+    overrides = {key: getattr(args, key) for key in ("host", "port") if getattr(args, key) is not None}
+    config = dataclasses.replace(config, serve=dataclasses.replace(serve_cfg, **overrides))
+    start_service(config, args.checkpoint or args.model, blocking=True)
 
 
 def cmd_demo(config: PlatformConfig, args: argparse.Namespace) -> None:
@@ -139,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", cmd_generate, "generate text with retrieval every chunk")
     p.add_argument("--prompt", required=True, help="the prompt")
     p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the run's latest)")
+    p = add("serve", cmd_serve, "serve a trained model over HTTP (Ray Serve): completions, documents, a page")
+    p.add_argument(
+        "--checkpoint", default=None, help="checkpoint dir (default: serve.model or the run's latest)"
+    )
+    p.add_argument("--model", default=None, help="MLflow model URI, e.g. models:/retro-demo/latest")
+    p.add_argument("--host", default=None, help="address to listen on (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port, 8000)")
     p = add("compare", cmd_compare, "compare the runs of an MLflow experiment")
     p.add_argument("--experiment", default=None, help="experiment name (default: tracking.experiment)")
     return parser

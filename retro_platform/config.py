@@ -62,14 +62,14 @@ class RayConfig:
     embed_resource: str | None = None
     """Custom resource the build's encoder actors ask for (routes GPU encoder actors to `gpu_embed`
     nodes); None uses ``build_resource``."""
-    serve_resource: str | None = None
-    """Custom resource every neighbour shard actor asks for (routes the pool to on-demand `cpu_serve`
+    pool_resource: str | None = None
+    """Custom resource every neighbour shard actor asks for (routes the pool to on-demand `cpu_pool`
     nodes); None uses ``build_resource``."""
 
     def __post_init__(self) -> None:
         _check(self.object_store_memory_gb > 0, "ray.object_store_memory_gb", "must be > 0")
         _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
-        for name in ("build_resource", "train_resource", "embed_resource", "serve_resource"):
+        for name in ("build_resource", "train_resource", "embed_resource", "pool_resource"):
             value = getattr(self, name)
             _check(
                 value is None or (bool(value.strip()) and value not in _RAY_BUILTIN_RESOURCES),
@@ -249,7 +249,7 @@ class DatabaseConfig:
     """Tokens per chunk m; must equal the model's chunk_len."""
     num_shards: int | None = 2
     """Shards of the training split (one index file and neighbour actor each); null: as many as
-    ``serve.memory_gb_per_actor`` needs for the estimated chunks (``db/build/sizing.py``)."""
+    ``pool.memory_gb_per_actor`` needs for the estimated chunks (``db/build/sizing.py``)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """Document source."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -265,7 +265,7 @@ class DatabaseConfig:
 
 
 @dataclass
-class ServeConfig:
+class PoolConfig:
     """The neighbour pool: one Ray actor per index shard."""
 
     replicas: int = 1
@@ -290,11 +290,11 @@ class ServeConfig:
     shards as the index, tokens and doc ids of the estimated chunks need at this budget."""
 
     def __post_init__(self) -> None:
-        _check(self.replicas >= 1, "serve.replicas", "must be >= 1")
-        _check(self.memory_gb_per_actor > 0, "serve.memory_gb_per_actor", "must be > 0")
-        _check(self.search_depth >= 1, "serve.search_depth", "must be >= 1")
-        _check(self.max_retries >= 0, "serve.max_retries", "must be >= 0")
-        _check(self.cpus_per_actor >= 0, "serve.cpus_per_actor", "must be >= 0")
+        _check(self.replicas >= 1, "pool.replicas", "must be >= 1")
+        _check(self.memory_gb_per_actor > 0, "pool.memory_gb_per_actor", "must be > 0")
+        _check(self.search_depth >= 1, "pool.search_depth", "must be >= 1")
+        _check(self.max_retries >= 0, "pool.max_retries", "must be >= 0")
+        _check(self.cpus_per_actor >= 0, "pool.cpus_per_actor", "must be >= 0")
 
 
 @dataclass
@@ -393,6 +393,10 @@ class TrackingConfig:
     """MLflow run name; None derives one from the stage and train.name."""
     comparison: str | None = None
     """Tag value grouping the RETRO and baseline runs of one comparison."""
+    registered_model: str | None = None
+    """Name under which `retro train` registers its final model in the MLflow model registry (tagged
+    with the database it was trained on); None: the experiment's name, ``-baseline`` appended for a
+    model without retrieval (the demo's RETRO: ``models:/retro-demo/latest``)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", "must not be empty")
@@ -417,6 +421,56 @@ class GenerateConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`retro serve`: the model on Ray Serve (HTTP API and page), reading the neighbour pool."""
+
+    model: str | None = None
+    """What to serve: a checkpoint directory, an MLflow model URI (``models:/<name>/<version>``,
+    ``runs:/<run id>/model``), or None for the newest checkpoint of ``train.name``."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy listens on (loopback unless asked otherwise)."""
+    port: int = 8000
+    """HTTP port."""
+    route_prefix: str = "/"
+    """Path the application is served under."""
+    app_name: str = "retro"
+    """Ray Serve application name."""
+    min_replicas: int = 1
+    """Fewest generator replicas (autoscaling)."""
+    max_replicas: int = 2
+    """Most generator replicas (autoscaling)."""
+    target_ongoing_requests: float = 4.0
+    """Requests per replica the autoscaler aims at (a replica batches them into one forward pass)."""
+    cpus_per_replica: float = 1.0
+    """CPUs reserved per generator replica."""
+    gpus_per_replica: float = 0.0
+    """GPUs per generator replica (the model runs on CUDA when it has one)."""
+    max_batch_size: int = 16
+    """Sequences a replica steps together in one forward pass."""
+    max_tokens: int = 256
+    """Largest ``max_tokens`` a request may ask for."""
+    max_prompt_chars: int = 20_000
+    """Longest prompt (characters)."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body (bytes)."""
+    request_timeout_s: float = 120.0
+    """The HTTP proxy's timeout per request."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port (1-65535)")
+        _check(self.min_replicas >= 1, "serve.min_replicas", "must be >= 1")
+        _check(self.max_replicas >= self.min_replicas, "serve.max_replicas", "must be >= serve.min_replicas")
+        _check(self.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0")
+        _check(self.cpus_per_replica >= 0, "serve.cpus_per_replica", "must be >= 0")
+        _check(self.gpus_per_replica >= 0, "serve.gpus_per_replica", "must be >= 0")
+        _check(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
+        _check(self.max_tokens >= 1, "serve.max_tokens", "must be >= 1")
+        _check(self.max_prompt_chars >= 1, "serve.max_prompt_chars", "must be >= 1")
+        _check(self.max_body_bytes >= 1024, "serve.max_body_bytes", "must be >= 1024")
+        _check(self.route_prefix.startswith("/"), "serve.route_prefix", "must start with /")
+
+
+@dataclass
 class PlatformConfig:
     """Everything one run of the platform needs."""
 
@@ -428,7 +482,7 @@ class PlatformConfig:
     """Retrieval database."""
     model: RetroConfig = field(default_factory=RetroConfig)
     """Model hyperparameters (vocab_size is taken from the database's tokenizer)."""
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     """Neighbour pool."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training."""
@@ -436,6 +490,8 @@ class PlatformConfig:
     """MLflow."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """Generation."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """The model service (`retro serve`)."""
 
     def __post_init__(self) -> None:
         _check(

@@ -32,8 +32,8 @@ from retro_platform.db.corpus import MIRROR_SUFFIX, WIKIPEDIA, corpus_files, ite
 from retro_platform.errors import ConfigError, CorpusError, DatabaseError
 from retro_platform.evaluate import run_evaluation
 from retro_platform.generation import complete
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.ray_utils import ray_session
-from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.trainer import run_training
 
 logger = logging.getLogger(__name__)
@@ -453,5 +453,10 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
         print(
             f"\ndone in {time.perf_counter() - t0:.0f}s. MLflow store: {config.tracking_uri}\n"
             f"open the UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000"
+        )
+        registered = trained["retro"].get("registered_model", "").rsplit("/", 1)[0]
+        print(
+            f"serve the RETRO model over HTTP (a page at http://{config.serve.host}:{config.serve.port}/, "
+            f"documents added while it runs): retro serve --model {registered}/latest"
         )
         return {"rows": rows, "completion": text, "update": update, "scores": scores}

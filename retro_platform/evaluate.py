@@ -35,9 +35,9 @@ from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import RetroError
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.overlap import OverlapTotals
 from retro_platform.ray_utils import ray_session
-from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
 from retro_platform.train.step import evaluate_model
 

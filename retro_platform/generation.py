@@ -19,8 +19,8 @@ from retro_platform.db.embed import Embedder
 from retro_platform.db.manifest import validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.ray_utils import ray_session
-from retro_platform.serve.pool import NeighborPool
 
 logger = logging.getLogger(__name__)
 

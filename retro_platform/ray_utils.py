@@ -15,7 +15,7 @@ from retro_platform.output import QUIET_ENV_VARS, VERBOSE_ENV, filter_ray_worker
 
 if TYPE_CHECKING:  # the pool and the manifest import the database modules
     from retro_platform.db.manifest import Manifest
-    from retro_platform.serve.pool import NeighborPool
+    from retro_platform.neighbors.pool import NeighborPool
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class RaySession:
     ) -> NeighborPool:
         """Start a NeighborPool over the database (``config``: another than the session's) that the
         session shuts down when it ends."""
-        from retro_platform.serve.pool import NeighborPool
+        from retro_platform.neighbors.pool import NeighborPool
 
         pool = NeighborPool.start(config or self.config, manifest)
         self.pools.append(pool)

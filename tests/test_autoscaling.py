@@ -2,9 +2,9 @@
 
 The head runs the real autoscaler (``ray start --head --autoscaling-config``) with node types shaped
 like cluster.yaml's (``cpu_build`` offers the ``build`` resource, ``gpu_train`` offers ``train``,
-``cpu_serve`` offers ``serve``, all from 0 nodes). A driver asks for a ``build`` task, a ``train`` task
-and a ``serve`` actor, as the platform's stages do (``ray.build_resource`` / ``ray.train_resource`` /
-``ray.serve_resource`` in config): the autoscaler must start one node of the matching type for each, and
+``cpu_pool`` offers ``pool``, all from 0 nodes). A driver asks for a ``build`` task, a ``train`` task
+and a ``pool`` actor, as the platform's stages do (``ray.build_resource`` / ``ray.train_resource`` /
+``ray.pool_resource`` in config): the autoscaler must start one node of the matching type for each, and
 terminate them all once they have been idle past ``idle_timeout_minutes``.
 """
 
@@ -35,12 +35,12 @@ DRIVER = textwrap.dedent(
     def train_stage():
         return ray.get_runtime_context().get_node_id()
 
-    @ray.remote(num_cpus=0.5, resources={"serve": 0.01})
+    @ray.remote(num_cpus=0.5, resources={"pool": 0.01})
     class ShardStandIn:  # a neighbour shard actor
         def node(self):
             return ray.get_runtime_context().get_node_id()
 
-    KINDS = ("build", "train", "serve")
+    KINDS = ("build", "train", "pool")
 
     def alive_workers():
         return {
@@ -56,7 +56,7 @@ DRIVER = textwrap.dedent(
     train_node = ray.get(train_stage.remote(), timeout=120)
     scaled_up.update(alive_workers())
     shard = ShardStandIn.remote()
-    serve_node = ray.get(shard.node.remote(), timeout=120)
+    pool_node = ray.get(shard.node.remote(), timeout=120)
     scaled_up.update(alive_workers())
     ray.kill(shard)  # the pool is shut down: its node becomes idle
     up_s = time.monotonic() - t0
@@ -64,7 +64,7 @@ DRIVER = textwrap.dedent(
     while alive_workers() and time.monotonic() < deadline:
         time.sleep(1)
     print("RESULT " + json.dumps({
-        "build_node": build_node, "train_node": train_node, "serve_node": serve_node,
+        "build_node": build_node, "train_node": train_node, "pool_node": pool_node,
         "scaled_up": scaled_up,
         "left_after_idle": alive_workers(), "up_s": up_s, "down_s": time.monotonic() - t0 - up_s,
     }))
@@ -74,7 +74,7 @@ DRIVER = textwrap.dedent(
 
 @pytest.fixture
 def autoscaling_head(tmp_path):
-    """A head with 1 CPU (no build/train/serve resources) and the autoscaler on the fake provider."""
+    """A head with 1 CPU (no build/train/pool resources) and the autoscaler on the fake provider."""
     gcs_port = free_port()
     node_types = {
         "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
@@ -90,8 +90,8 @@ def autoscaling_head(tmp_path):
             "min_workers": 0,
             "max_workers": 1,
         },
-        "cpu_serve": {
-            "resources": {"CPU": 1, "serve": 16},
+        "cpu_pool": {
+            "resources": {"CPU": 1, "pool": 16},
             "node_config": {},
             "min_workers": 0,
             "max_workers": 1,
@@ -155,7 +155,7 @@ def test_build_train_and_serve_stages_scale_their_node_types_up_and_down(autosca
     # each stage ran on a node the autoscaler started for it, of the type offering its resource
     assert report["scaled_up"].get(report["build_node"]) == ["build"]
     assert report["scaled_up"].get(report["train_node"]) == ["train"]
-    assert report["scaled_up"].get(report["serve_node"]) == ["serve"]
-    assert len({report["build_node"], report["train_node"], report["serve_node"]}) == 3
+    assert report["scaled_up"].get(report["pool_node"]) == ["pool"]
+    assert len({report["build_node"], report["train_node"], report["pool_node"]}) == 3
     # and all were released once idle
     assert report["left_after_idle"] == {}, report

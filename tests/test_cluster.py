@@ -26,14 +26,14 @@ def test_cluster_yaml_is_valid_for_the_ray_autoscaler():
     validate_config(config)  # Ray's JSON schema plus its own consistency checks
     types = config["available_node_types"]
     assert raw["provider"]["type"] == "aws"
-    assert set(types) == {"head", "cpu_build", "gpu_embed", "gpu_train", "cpu_serve"}
+    assert set(types) == {"head", "cpu_build", "gpu_embed", "gpu_train", "cpu_pool"}
     # the head takes no tasks or actors; every worker type autoscales from 0
     assert types[raw["head_node_type"]]["resources"] == {"CPU": 0}
     assert all(t["min_workers"] == 0 for name, t in types.items() if name != raw["head_node_type"])
     assert types["cpu_build"]["resources"].get("build") and types["gpu_train"]["resources"].get("train")
-    assert types["gpu_embed"]["resources"].get("embed") and types["cpu_serve"]["resources"].get("serve")
+    assert types["gpu_embed"]["resources"].get("embed") and types["cpu_pool"]["resources"].get("pool")
     # neighbour actors serve training for hours: not on spot
-    assert "InstanceMarketOptions" not in types["cpu_serve"]["node_config"]
+    assert "InstanceMarketOptions" not in types["cpu_pool"]["node_config"]
     assert any("[gpu]" in c for c in raw["setup_commands"])
     assert any("--dashboard-host=127.0.0.1" in c for c in raw["head_start_ray_commands"])
     # shared storage on every node, mounted only once (setup commands re-run on `ray up`)
@@ -51,7 +51,7 @@ def _gpus(node_type: dict) -> float:
 
 def _requests(config) -> list[tuple[str, str | None, bool]]:
     """(what, custom resource, needs a GPU) for every kind of task/actor the stages of a config start,
-    as the platform asks for them (db/build/tasks.py, db/build/indexing.py, serve/pool.py, train/trainer.py)."""
+    as the platform asks for them (db/build/tasks.py, db/build/indexing.py, neighbors/pool.py, train/trainer.py)."""
     from retro_platform.db.build.indexing import index_resources
     from retro_platform.db.build.tasks import build_resources, embed_resources
     from retro_platform.evaluate import evaluation_task_options
@@ -72,8 +72,8 @@ def _requests(config) -> list[tuple[str, str | None, bool]]:
         ),
         (
             "neighbour actors",
-            ray_cfg.serve_resource or ray_cfg.build_resource,
-            config.serve.gpus_per_actor > 0,
+            ray_cfg.pool_resource or ray_cfg.build_resource,
+            config.pool.gpus_per_actor > 0,
         ),
     ]
 

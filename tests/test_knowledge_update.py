@@ -27,7 +27,7 @@ from retro_platform.db.files import load_npy, parquet_file
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest
 from retro_platform.generation import run_generation
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.pool import NeighborPool
 
 FACT = (
     "The Zorblatt Quasiphone is a brass instrument that was invented in the year 2031 on the island of "

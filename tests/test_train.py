@@ -16,7 +16,7 @@ from retro_model.checkpoint import load_model_dir
 from retro_platform.db.precompute import precompute_neighbors
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.tracking import load_retro_model
 from retro_platform.train.data import BatchLoader, SequenceSource, token_byte_lengths
 from retro_platform.train.trainer import run_training
@@ -126,7 +126,17 @@ def test_ddp_training_loss_falls_logs_to_mlflow_checkpoint_reloads_and_rerun_res
     )
     tokens = torch.randint(1, model.config.vocab_size, (1, 128))
     nbrs = torch.randint(1, model.config.vocab_size, (1, 2, 2, 128))
-    for other in (logged, downloaded, load_retro_model(f"runs:/{out['run_id']}/model")):
+    # registered in the model registry, tagged with the database, and servable by its models:/ URI
+    from retro_platform.serve.app import model_directory
+
+    name, version = out["registered_model"].removeprefix("models:/").split("/")
+    assert name == config.tracking.experiment
+    tags = client.get_model_version(name, version).tags
+    assert (
+        tags["db_id"] == store.manifest.db_id and tags["tokenizer_sha256"] == store.manifest.tokenizer.sha256
+    )
+    registered, _ = load_model_dir(model_directory(config, f"models:/{name}/latest"))
+    for other in (logged, downloaded, load_retro_model(f"runs:/{out['run_id']}/model"), registered):
         torch.testing.assert_close(model(tokens, nbrs)[0], other(tokens, nbrs)[0], atol=0, rtol=0)
 
     # the same train.name again, with more steps: resumes at step 31 in the same MLflow run

@@ -31,7 +31,7 @@ from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import SplitShard
 from retro_platform.db.store import ChunkStore
 from retro_platform.errors import CheckpointError, DatabaseError
-from retro_platform.serve.pool import Neighbors
+from retro_platform.neighbors.pool import Neighbors
 from retro_platform.train.data import (
     BatchLoader,
     SequenceSource,

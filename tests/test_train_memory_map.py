@@ -35,7 +35,7 @@ from retro_platform.db.precompute import NeighborTableReader, precompute_neighbo
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import DatabaseError
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.train.data import BatchLoader, SequenceSource, token_byte_lengths
 
 ROWS_PER_GROUP = 64  # small row groups, so the debug database's tables have many
@@ -252,7 +252,7 @@ def test_query_neighbors_writes_sorted_shard_tables_with_checksums(precomputed_d
     layout = DatabaseLayout(config.db_path)
     validate_database(config.db_path, check_files="full")  # every table's checksum is recorded
     store = ChunkStore(config.db_path)
-    k = config.model.num_neighbors * config.serve.search_depth
+    k = config.model.num_neighbors * config.pool.search_depth
     for split in ("train", "valid"):
         info = manifest.neighbors[split]
         shards = manifest.splits[split]

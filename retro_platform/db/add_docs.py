@@ -41,8 +41,8 @@ from retro_platform.db.files import read_table
 from retro_platform.db.layout import DatabaseLayout, Location
 from retro_platform.db.manifest import IndexShard, Manifest, SplitShard, validate_database, write_manifest
 from retro_platform.errors import CorpusError
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.ray_utils import ray_session
-from retro_platform.serve.pool import NeighborPool
 
 logger = logging.getLogger(__name__)
 

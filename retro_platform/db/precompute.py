@@ -37,8 +37,8 @@ from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import Manifest, NeighborTable, validate_database, write_manifest
 from retro_platform.db.store import ChunkStore
 from retro_platform.errors import DatabaseError
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.ray_utils import ray_session
-from retro_platform.serve.pool import NeighborPool
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def query_actors(config: PlatformConfig, num_shards: int) -> int:
     """Most query actors of the job: two per pool replica (one request searching while the other's
     answer is written; the shard actors serve one request at a time, so more only queue), at most one
     per shard to write."""
-    return max(1, min(num_shards, 2 * config.serve.replicas))
+    return max(1, min(num_shards, 2 * config.pool.replicas))
 
 
 class _ShardTableWriter:
@@ -149,7 +149,7 @@ def write_neighbor_tables(
     per shard (split, shard, file, rows, sha256, seconds, pid of the actor that wrote it), in split and
     shard order."""
     layout = DatabaseLayout(config.db_path)
-    k = config.model.num_neighbors * config.serve.search_depth
+    k = config.model.num_neighbors * config.pool.search_depth
     items = [
         {
             "split": split,
@@ -197,7 +197,7 @@ def precompute_neighbors(config: PlatformConfig, pool: NeighborPool | None = Non
         manifest = validate_database(config.db_path, expect={"chunk_len": config.database.chunk_len})
         pool = pool or session.start_pool(manifest)
         layout = DatabaseLayout(config.db_path)
-        k = config.model.num_neighbors * config.serve.search_depth
+        k = config.model.num_neighbors * config.pool.search_depth
         splits = [split for split in ("train", "valid") if manifest.splits.get(split)]
         t0 = time.perf_counter()
         records = write_neighbor_tables(config, pool, manifest, splits)

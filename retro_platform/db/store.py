@@ -349,6 +349,39 @@ def _remove_other_versions(folder: str, keep: str) -> None:
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
+def padded_exclusions(exclusions, rows: int) -> np.ndarray:
+    """Per-query excluded document ids (an array [q, D] padded with -1, or a list of arrays of any
+    lengths) -> one int64 array [rows, D >= 1] padded with -1 (never a document id)."""
+    if isinstance(exclusions, np.ndarray) and exclusions.ndim == 2:
+        return exclusions.astype(np.int64, copy=False)
+    width = max([1, *(len(np.atleast_1d(e)) for e in exclusions)])
+    out = np.full((rows, width), -1, dtype=np.int64)
+    for row, excluded in enumerate(exclusions):
+        excluded = np.atleast_1d(np.asarray(excluded, dtype=np.int64))
+        out[row, : len(excluded)] = excluded
+    return out
+
+
+def first_allowed(
+    candidates: np.ndarray, candidate_docs: np.ndarray, exclusions: np.ndarray | None, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same-document exclusion, shared by the shard actors and the precomputed-table reader.
+
+    candidates [q, K] chunk ids best first (-1 = none), candidate_docs [q, K] their documents,
+    exclusions [q, D] documents each query must not get back (padded with -1; None: no exclusion) ->
+    (positions [q, k] in ``candidates`` of the first k allowed ones, in rank order, -1 where fewer are
+    allowed; the number allowed per query [q]).
+    """
+    keep = candidates >= 0
+    if exclusions is not None:
+        keep &= ~(candidate_docs[:, :, None] == exclusions[:, None, :]).any(axis=2)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # allowed candidates first, in rank order
+    positions = np.where(np.take_along_axis(keep, order, axis=1), order, -1)
+    if positions.shape[1] < k:
+        positions = np.pad(positions, ((0, 0), (0, k - positions.shape[1])), constant_values=-1)
+    return positions, keep.sum(axis=1)
+
+
 def neighbor_tokens(
     ids: np.ndarray,
     tokens_of: Callable[[np.ndarray], np.ndarray],

@@ -279,6 +279,31 @@ def log_retro_model(checkpoint_dir: str | Path, tokenizer: str | Path) -> str:
     return info.model_uri
 
 
+def registered_model_name(config: PlatformConfig) -> str:
+    """The registry name of a run's final model (``tracking.registered_model``, else the experiment's
+    name, with ``-baseline`` for a model without retrieval)."""
+    if config.tracking.registered_model:
+        return config.tracking.registered_model
+    return config.tracking.experiment + ("" if config.model.retrieval else "-baseline")
+
+
+def register_model(config: PlatformConfig, model_uri: str, manifest: Manifest, extra: dict[str, Any]) -> str:
+    """Register a logged model in the MLflow model registry, tagged with the database it was trained on
+    (``db_id``, ``db_revision``, ``tokenizer_sha256``) and its run -> ``models:/<name>/<version>``."""
+    name = registered_model_name(config)
+    tags = {
+        "db_id": manifest.db_id,
+        "db_revision": manifest.revision or 0,
+        "db_path": config.db_path,
+        "tokenizer_sha256": manifest.tokenizer.sha256,
+        "train_name": config.train.name,
+        "step": extra.get("step"),
+        "retrieval": config.model.retrieval,
+    }
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return f"models:/{name}/{version.version}"
+
+
 def load_retro_model(model_uri: str):
     """A model logged by ``log_retro_model`` (e.g. ``runs:/<run_id>/model``) -> Retro in eval mode."""
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model

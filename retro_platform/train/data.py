@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retro_platform.db.precompute import NeighborTableReader
-from retro_platform.db.store import ChunkStore, neighbor_tokens
+from retro_platform.db.store import ChunkStore, first_allowed, neighbor_tokens
 from retro_platform.errors import DatabaseError
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.pool import NeighborPool
 
 MODES = ("online", "precomputed")
 """Neighbour sources: the live pool, or the table written by `retro query-neighbors`."""
@@ -144,14 +144,8 @@ class SequenceSource:
         exclusions = self.exclusions(chunk_ids)  # (q, D)
         candidates = self._table.rows(chunk_ids.reshape(-1))  # (q, K), best first
         docs = self.store.doc_ids(np.maximum(candidates, 0).reshape(-1)).reshape(candidates.shape)
-        keep = (candidates >= 0) & ~(docs[:, :, None] == exclusions[:, None, :]).any(axis=2)
-        order = np.argsort(~keep, axis=1, kind="stable")[:, : self.k]  # kept candidates first, in rank order
-        out = np.where(
-            np.take_along_axis(keep, order, axis=1), np.take_along_axis(candidates, order, axis=1), -1
-        )
-        if out.shape[1] < self.k:
-            out = np.pad(out, ((0, 0), (0, self.k - out.shape[1])), constant_values=-1)
-        return out
+        positions, _ = first_allowed(candidates, docs, exclusions, self.k)
+        return np.where(positions >= 0, np.take_along_axis(candidates, np.maximum(positions, 0), axis=1), -1)
 
     def query_tokens(self, chunk_ids: np.ndarray) -> np.ndarray | None:
         """[b*l, m] tokens of the query chunks ``chunk_ids`` [b, l] when windows are aligned, else None."""

@@ -21,12 +21,14 @@ tensors into the new model (``retro_model.retrofit``). Resuming the same ``train
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from retro_model.checkpoint import WEIGHTS_FILE, read_checkpoint_metadata
 from retro_model.model import Retro
 from retro_model.retrofit import count_parameters, freeze_decoder
 from retro_platform import tracking
@@ -41,9 +43,9 @@ from retro_platform.config import PlatformConfig
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database
 from retro_platform.errors import CheckpointError
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.output import ray_train_log_level
 from retro_platform.ray_utils import ray_session, runtime_env_vars
-from retro_platform.serve.pool import NeighborPool
 from retro_platform.train.loop import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -146,11 +148,21 @@ def run_training(
                 tokenizer = DatabaseLayout(config.db_path).tokenizer
                 tracking.log_checkpoint(directory, tokenizer)
                 model_uri = tracking.log_retro_model(directory, tokenizer)
-            logger.info("run %s: checkpoint %s, model %s", run.info.run_id, result.checkpoint.path, model_uri)
+                registered = tracking.register_model(
+                    config, model_uri, manifest, read_checkpoint_metadata(Path(directory) / WEIGHTS_FILE)[1]
+                )
+            logger.info(
+                "run %s: checkpoint %s, model %s (%s)",
+                run.info.run_id,
+                result.checkpoint.path,
+                model_uri,
+                registered,
+            )
             return {
                 "run_id": run.info.run_id,
                 "checkpoint": result.checkpoint.path,
                 "model_uri": model_uri,
+                "registered_model": registered,
                 "metrics": result.metrics,
                 "config": config,
             }

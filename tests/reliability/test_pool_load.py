@@ -9,7 +9,7 @@ import psutil
 import ray
 
 from retro_platform.db.store import ChunkStore
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.pool import NeighborPool
 
 CLIENTS = 4
 BATCHES_PER_CLIENT = 250

@@ -21,7 +21,7 @@ from conftest import debug_config
 
 from retro_platform.db.precompute import precompute_neighbors
 from retro_platform.db.store import ChunkStore
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.train.trainer import run_training
 
 

@@ -1,5 +1,5 @@
 """How many shards a database gets when ``database.num_shards`` is null: as many as the neighbour actors'
-memory budget (``serve.memory_gb_per_actor``) needs for the index codes, tokens and doc ids of the
+memory budget (``pool.memory_gb_per_actor``) needs for the index codes, tokens and doc ids of the
 chunks the corpus will give.
 
 The chunk count is estimated before anything is read, from the corpus's size (the reader pieces' bytes
@@ -73,5 +73,5 @@ def derived_num_shards(config: PlatformConfig, text_bytes: int, dim: int) -> int
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     per_chunk = code_bytes(index)
     per_chunk += db.chunk_len * 4 + 8  # the shard's tokens (int32) and doc ids (int64)
-    budget = config.serve.memory_gb_per_actor * 1024**3 * HEADROOM
+    budget = config.pool.memory_gb_per_actor * 1024**3 * HEADROOM
     return max(1, math.ceil(chunks * per_chunk / budget))

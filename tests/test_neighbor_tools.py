@@ -15,8 +15,8 @@ from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database
 from retro_platform.db.precompute import precompute_neighbors
 from retro_platform.db.store import ChunkStore
-from retro_platform.serve.inspect import find_neighbors, show_neighbors
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.inspect import find_neighbors, show_neighbors
+from retro_platform.neighbors.pool import NeighborPool
 
 
 def copy_db(debug_db, tmp_path):

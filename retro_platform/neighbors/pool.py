@@ -21,7 +21,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from retro_platform.config import PlatformConfig
 from retro_platform.db.manifest import Manifest, validate_database
-from retro_platform.serve.shard import ShardActor
+from retro_platform.neighbors.shard import ShardActor
 
 logger = logging.getLogger(__name__)
 
@@ -71,36 +71,38 @@ class NeighborPool:
         manifest = manifest or validate_database(
             config.db_path, expect={"chunk_len": config.database.chunk_len}
         )
-        serve = config.serve
-        pool = cls([], config.model.num_neighbors, serve.search_depth, serve.max_retries, manifest.db_id)
+        pool_cfg = config.pool
+        pool = cls(
+            [], config.model.num_neighbors, pool_cfg.search_depth, pool_cfg.max_retries, manifest.db_id
+        )
         pool.refresh(config, manifest)
-        logger.info("neighbour pool: %d shards x %d replicas ready", pool.num_shards, serve.replicas)
+        logger.info("neighbour pool: %d shards x %d replicas ready", pool.num_shards, pool_cfg.replicas)
         return pool
 
     def refresh(self, config: PlatformConfig, manifest: Manifest) -> None:
         """Start actors for index shards the pool does not serve yet (after `retro add-docs`)."""
-        serve = config.serve
+        pool_cfg = config.pool
         index_cfg = config.database.index
-        threads = max(1, math.ceil(serve.cpus_per_actor))
-        serve_resource = config.ray.serve_resource or config.ray.build_resource
-        resources = {serve_resource: 0.01} if serve_resource else None
+        threads = max(1, math.ceil(pool_cfg.cpus_per_actor))
+        pool_resource = config.ray.pool_resource or config.ray.build_resource
+        resources = {pool_resource: 0.01} if pool_resource else None
         for shard in manifest.index.shards[self.num_shards :]:
             handles = []
-            for replica in range(serve.replicas):
+            for replica in range(pool_cfg.replicas):
                 handles.append(
                     ShardActor.options(
                         # search parameters are part of the name: a pool started with another nprobe
                         # or efSearch never attaches to actors that search differently
                         name=(
-                            f"{serve.name}-{manifest.db_id}-{shard.shard}-{replica}"
-                            f"-p{index_cfg.nprobe}-e{index_cfg.ef_search}{'-mmap' if serve.mmap_index else ''}-k{index_cfg.k_factor}"
+                            f"{pool_cfg.name}-{manifest.db_id}-{shard.shard}-{replica}"
+                            f"-p{index_cfg.nprobe}-e{index_cfg.ef_search}{'-mmap' if pool_cfg.mmap_index else ''}-k{index_cfg.k_factor}"
                         ),
                         namespace=config.ray.namespace,
                         get_if_exists=True,
-                        max_restarts=serve.max_restarts,
-                        max_task_retries=serve.max_retries,
-                        num_cpus=serve.cpus_per_actor,
-                        num_gpus=serve.gpus_per_actor or None,
+                        max_restarts=pool_cfg.max_restarts,
+                        max_task_retries=pool_cfg.max_retries,
+                        num_cpus=pool_cfg.cpus_per_actor,
+                        num_gpus=pool_cfg.gpus_per_actor or None,
                         resources=resources,
                         scheduling_strategy="SPREAD",
                     ).remote(
@@ -110,7 +112,7 @@ class NeighborPool:
                         index_cfg.ef_search,
                         index_cfg.blas_threshold,
                         threads,
-                        serve.mmap_index,
+                        pool_cfg.mmap_index,
                         index_cfg.k_factor,
                     )
                 )

@@ -20,7 +20,7 @@ from retro_platform.db.files import load_npy, read_index
 from retro_platform.db.index import MMAP_READ_FLAGS, set_search_params
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest
-from retro_platform.db.store import neighbor_tokens
+from retro_platform.db.store import first_allowed, neighbor_tokens, padded_exclusions
 from retro_platform.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
@@ -91,22 +91,23 @@ class ShardActor:
         scores = np.full((q, k), -np.inf, dtype=np.float32)
         local = np.full((q, k), -1, dtype=np.int64)
         pending = np.arange(q)
-        search_k = min(ntotal, k * depth if exclude_doc_ids is not None else k)
+        excluded = None if exclude_doc_ids is None else padded_exclusions(exclude_doc_ids, q)
+        search_k = min(ntotal, k * depth if excluded is not None else k)
         while len(pending) and search_k > 0:
             found_scores, found = self.index.search(queries[pending], search_k)
-            short = []
-            for row, qi in enumerate(pending):
-                ids = found[row]
-                keep = ids >= 0
-                if exclude_doc_ids is not None and len(exclude_doc_ids[qi]):
-                    keep &= ~np.isin(self.doc_ids[np.where(keep, ids, 0)], exclude_doc_ids[qi])
-                kept = np.flatnonzero(keep)[:k]
-                if len(kept) < k and search_k < ntotal:
-                    short.append(qi)  # exclusions ate the candidates: search deeper
-                    continue
-                scores[qi, : len(kept)] = found_scores[row, kept]
-                local[qi, : len(kept)] = ids[kept]
-            pending = np.asarray(short, dtype=np.int64)
+            docs = self.doc_ids[np.maximum(found, 0)]
+            positions, allowed = first_allowed(
+                found, docs, None if excluded is None else excluded[pending], k
+            )
+            # exclusions ate the candidates of these: search them again, deeper
+            short = (allowed < k) & (search_k < ntotal)
+            done, rows = pending[~short], np.flatnonzero(~short)
+            chosen = positions[rows]
+            has = chosen >= 0
+            picked = np.maximum(chosen, 0)
+            scores[done] = np.where(has, np.take_along_axis(found_scores[rows], picked, axis=1), -np.inf)
+            local[done] = np.where(has, np.take_along_axis(found[rows], picked, axis=1), -1)
+            pending = pending[short]
             search_k = min(ntotal, search_k * 4)
         valid = local >= 0
         doc = np.where(valid, self.doc_ids[np.where(valid, local, 0)], -1)

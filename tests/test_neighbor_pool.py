@@ -10,7 +10,7 @@ from conftest import debug_config
 
 from retro_platform.db.build import build_database
 from retro_platform.db.layout import DatabaseLayout
-from retro_platform.serve.pool import NeighborPool
+from retro_platform.neighbors.pool import NeighborPool
 
 
 def train_vectors(config, manifest):
@@ -156,7 +156,7 @@ def test_approximate_index_reports_recall_and_is_exact_when_it_searches_every_li
 
 def test_memory_mapped_shards_answer_exactly_as_loaded_ones(pool, debug_db):
     config, manifest = debug_db
-    mapped_config = debug_config(config.work_dir, "serve.mmap_index=true")
+    mapped_config = debug_config(config.work_dir, "pool.mmap_index=true")
     mapped = NeighborPool.start(mapped_config, manifest)
     try:
         queries = valid_queries(config, manifest)
@@ -171,8 +171,8 @@ def test_memory_mapped_shards_answer_exactly_as_loaded_ones(pool, debug_db):
 def test_shard_count_follows_the_corpus_size_and_the_actor_memory_budget(tmp_path):
     from retro_platform.db.build.sizing import BYTES_PER_TOKEN, derived_num_shards
 
-    small = debug_config(tmp_path, "database.num_shards=null", "serve.memory_gb_per_actor=1")
-    large = debug_config(tmp_path, "database.num_shards=null", "serve.memory_gb_per_actor=4")
+    small = debug_config(tmp_path, "database.num_shards=null", "pool.memory_gb_per_actor=1")
+    large = debug_config(tmp_path, "database.num_shards=null", "pool.memory_gb_per_actor=4")
     chunk_bytes = small.database.chunk_len * BYTES_PER_TOKEN  # corpus bytes per chunk, as estimated
     assert derived_num_shards(small, int(1000 * chunk_bytes), 384) == 1
     # Flat index (the debug preset): 1536 B of codes + 256 B tokens + 8 B doc id per chunk, 80% of 1 GiB

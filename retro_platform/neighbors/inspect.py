@@ -9,8 +9,8 @@ from retro_platform.db.embed import Embedder
 from retro_platform.db.manifest import Manifest, validate_database
 from retro_platform.db.store import ChunkStore
 from retro_platform.errors import RetroError
+from retro_platform.neighbors.pool import NeighborPool, Neighbors
 from retro_platform.ray_utils import ray_session
-from retro_platform.serve.pool import NeighborPool, Neighbors
 
 
 def query_embedding(manifest: Manifest, text: str) -> np.ndarray:

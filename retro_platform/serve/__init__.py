@@ -1,1 +1,0 @@
-"""Neighbour service at run time: FAISS shards held by Ray actors."""
