@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from machine import cpu_model  # benchmarks/machine.py, next to this script
 
 from retro_model import RetroConfig
 from retro_model.generate import BatchGenerator, generate
@@ -64,17 +64,10 @@ def timed(model: Retro, prompt: torch.Tensor, new_tokens: int, use_cache: bool) 
 
 def machine_note() -> str:
     """CPU count and model, torch threads, load average."""
-    model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     load = os.getloadavg()[0]
     return (
-        f"{os.cpu_count()} CPUs ({model or 'unknown model'}), torch {torch.__version__} with "
+        f"{os.cpu_count()} CPUs ({model}), torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads, load average (1 min) {load:.2f}"
     )
 

@@ -50,7 +50,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -58,6 +57,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import cpu_model  # benchmarks/machine.py, next to this script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -471,14 +472,7 @@ def git_head() -> str:
 
 def machine_note(load_before: tuple[float, ...], note: str | None) -> str:
     """CPUs, CPU model, load averages before and after, and the caller's note."""
-    model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     after = os.getloadavg()
     text = (
         f"{os.cpu_count()} CPUs ({model or 'unknown model'}), load average (1 min) "

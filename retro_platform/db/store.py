@@ -408,10 +408,9 @@ def neighbor_tokens(
     from retro_model.alignment import align_windows
 
     documents = document_windows(ids, tokens_of, doc_ids_of, num_chunks, chunk_len, pad, before=1, after=2)
+    query_chunks = np.array(queries, dtype=np.int32).reshape(-1, chunk_len)  # a copy: Ray's may be read-only
     aligned = align_windows(
-        torch.from_numpy(
-            np.array(queries, dtype=np.int32).reshape(-1, chunk_len)
-        ),  # a copy: may be read-only
+        torch.from_numpy(query_chunks),
         torch.from_numpy(documents.reshape(len(queries), -1, 4 * chunk_len)),
         pad,
     )
