@@ -50,6 +50,19 @@ def sample_next(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def prompt_tokens(prompt: Tensor, max_new_tokens: int, config) -> list[int]:
+    """The token ids of ``prompt`` [n]; refuses an empty prompt and one that ``max_new_tokens`` would
+    carry past the model's ``max_seq_len``."""
+    tokens = prompt.reshape(-1).tolist()
+    if not tokens:
+        raise ValueError("generation needs a prompt of at least one token")
+    if len(tokens) + max_new_tokens > config.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds model max_seq_len {config.max_seq_len}"
+        )
+    return tokens
+
+
 @torch.no_grad()
 def generate(
     model: Retro,
@@ -71,13 +84,7 @@ def generate(
     model.eval()
     cfg = model.config
     m = cfg.chunk_len
-    tokens = prompt.reshape(-1).tolist()
-    if not tokens:
-        raise ValueError("generate needs a prompt of at least one token")
-    if len(tokens) + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds model max_seq_len {cfg.max_seq_len}"
-        )
+    tokens = prompt_tokens(prompt, max_new_tokens, cfg)
     device = next(model.parameters()).device
     neighbors: dict[int, Tensor] = {}  # chunk index -> [1, k, r]
 
@@ -178,14 +185,7 @@ class BatchGenerator:
         new one seeded with ``seed``). ``eos_id``: this sequence's end token (default: the generator's).
         It is prefilled at the next ``step``.
         """
-        cfg = self.model.config
-        tokens = prompt.reshape(-1).tolist()
-        if not tokens:
-            raise ValueError("a sequence needs a prompt of at least one token")
-        if len(tokens) + max_new_tokens > cfg.max_seq_len:
-            raise ValueError(
-                f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds model max_seq_len {cfg.max_seq_len}"
-            )
+        tokens = prompt_tokens(prompt, max_new_tokens, self.model.config)
         if generator is not None and seed is not None:
             raise ValueError("give a generator or a seed, not both")
         if seed is not None:

@@ -7,9 +7,20 @@ malformed JSON 400, a body over ``serve.max_body_bytes`` 413, a wrong or missing
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+
+def not_blank(value: str) -> str:
+    """A text field's validator: refuses an empty or whitespace-only value."""
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return value
+
+
+NonBlank = Annotated[str, Field(min_length=1), AfterValidator(not_blank)]
+"""A text field that must hold a non-space character."""
 
 
 class CompletionRequest(BaseModel):
@@ -17,7 +28,7 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1)
+    prompt: NonBlank
     """Text to continue (must hold at least one non-space character)."""
     max_tokens: int = Field(default=64, ge=1)
     """Tokens to generate (at most ``serve.max_tokens``)."""
@@ -32,13 +43,6 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     """Stream tokens as server-sent events."""
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty or only whitespace")
-        return value
-
 
 class Document(BaseModel):
     """One document of ``POST /v1/documents`` (the fields of a corpus JSONL line)."""
@@ -46,15 +50,8 @@ class Document(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=512)
-    text: str = Field(min_length=1)
+    text: NonBlank
     title: str | None = None
-
-    @field_validator("text")
-    @classmethod
-    def _text_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty or only whitespace")
-        return value
 
 
 class DocumentsRequest(BaseModel):
