@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -147,6 +148,17 @@ class SequenceSource:
         positions, _ = first_allowed(candidates, docs, exclusions, self.k)
         return np.where(positions >= 0, np.take_along_axis(candidates, np.maximum(positions, 0), axis=1), -1)
 
+    def online_query(self, chunk_ids: np.ndarray) -> dict[str, Any]:
+        """The pool query of the chunks ``chunk_ids`` [b, l], as keyword arguments of
+        ``NeighborPool.search`` / ``submit`` / ``collect``: their stored embeddings, the documents of
+        each chunk's sequence to exclude, k, and (aligned windows) the chunks' tokens."""
+        return {
+            "queries": self.store.embeddings(chunk_ids.reshape(-1)),
+            "exclude_doc_ids": self.exclusions(chunk_ids),
+            "k": self.k,
+            "query_tokens": self.query_tokens(chunk_ids),
+        }
+
     def query_tokens(self, chunk_ids: np.ndarray) -> np.ndarray | None:
         """[b*l, m] tokens of the query chunks ``chunk_ids`` [b, l] when windows are aligned, else None."""
         return self.store.tokens(chunk_ids.reshape(-1)) if self.align else None
@@ -170,12 +182,7 @@ class SequenceSource:
         if mode == "online":
             if pool is None:
                 raise ValueError("online neighbours need a NeighborPool")
-            found = pool.search(
-                self.store.embeddings(chunk_ids.reshape(-1)),
-                self.exclusions(chunk_ids),
-                self.k,
-                self.query_tokens(chunk_ids),
-            )
+            found = pool.search(**self.online_query(chunk_ids))
             ids, tokens = found.chunk_ids, found.tokens
         elif mode == "precomputed":
             ids = self.precomputed_ids(chunk_ids)
@@ -215,9 +222,8 @@ class _Request:
     sequences: list[np.ndarray]
     chunk_ids: np.ndarray | None = None
     refs: list | None = None
-    queries: np.ndarray | None = None
-    exclusions: np.ndarray | None = None
-    query_tokens: np.ndarray | None = None
+    query: dict[str, Any] | None = None
+    """``SequenceSource.online_query`` of the request's chunks, until its results are collected."""
     results: tuple[np.ndarray, np.ndarray] | None = None
     offsets: list[int] = field(default_factory=list)
 
@@ -284,12 +290,8 @@ class BatchLoader:
         first = self._requested
         request = _Request(first, [self.sequences(first + i) for i in range(self.query_batches)])
         chunk_ids = np.concatenate([self.source.chunk_ids(s) for s in request.sequences])  # (G*b, l)
-        request.queries = self.source.store.embeddings(chunk_ids.reshape(-1))
-        request.exclusions = self.source.exclusions(chunk_ids)
-        request.query_tokens = self.source.query_tokens(chunk_ids)
-        request.refs = self.pool.submit(
-            request.queries, request.exclusions, self.source.k, request.query_tokens
-        )
+        request.query = self.source.online_query(chunk_ids)
+        request.refs = self.pool.submit(**request.query)
         request.chunk_ids = chunk_ids
         self._requests.append(request)
         self._requested += self.query_batches
@@ -304,12 +306,10 @@ class BatchLoader:
         waited = 0.0
         if request.results is None:
             t0 = time.perf_counter()
-            found = self.pool.collect(
-                request.refs, request.queries, request.exclusions, self.source.k, request.query_tokens
-            )
+            found = self.pool.collect(request.refs, **request.query)
             waited = time.perf_counter() - t0
             request.results = (found.chunk_ids, found.tokens)
-            request.queries = request.exclusions = request.refs = request.query_tokens = None
+            request.query = request.refs = None
         per_batch = len(request.results[0]) // len(request.sequences)
         i = batch_number - request.first
         rows = slice(i * per_batch, (i + 1) * per_batch)
