@@ -125,7 +125,10 @@ def unseen_document(config: PlatformConfig, tokenizer, min_tokens: int) -> dict[
         if n_tokens >= min_tokens:
             return {"id": f"unseen-{doc['id']}", "title": doc.get("title", ""), "text": doc["text"]}
         short.append((doc["id"], n_tokens))
-    need = f"{min_tokens} tokens of the database's tokenizer (database.chunk_len + generate.max_new_tokens)"
+    need = (
+        f"{min_tokens} tokens of the database's tokenizer (the prompt starts 3/8 of a chunk in, then one "
+        "chunk, then generate.max_new_tokens)"
+    )
     if takes_beyond_cut(corpus):
         raise CorpusError(
             f"no packaged article beyond the first {corpus.max_documents} (database.corpus.max_documents) "
@@ -159,8 +162,8 @@ def choose_held_out(corpus: CorpusConfig, min_tokens: int) -> dict[str, str]:
     if chosen is None:
         raise CorpusError(
             f"the demo's knowledge update holds one document of {corpus.source} out of the database and adds "
-            f"it later, and no document is long enough: it needs {min_tokens} tokens (database.chunk_len + "
-            f"generate.max_new_tokens), about {need_bytes} bytes of text at {HOLD_OUT_BYTES_PER_TOKEN} bytes "
+            f"it later, and no document is long enough: it needs {min_tokens} tokens (the prompt starts 3/8 of a "
+            f"chunk in, then one chunk of database.chunk_len, then generate.max_new_tokens), about {need_bytes} bytes of text at {HOLD_OUT_BYTES_PER_TOKEN} bytes "
             "per token. Lower generate.max_new_tokens, or add a longer document"
         )
     raise CorpusError(
@@ -195,12 +198,12 @@ def check_demo(config: PlatformConfig) -> tuple[PlatformConfig, dict[str, str] |
             "config error in database.corpus.valid_fraction: the demo evaluates both models on the valid "
             "split; set it above 0 (e.g. 0.05)"
         )
-    need = update_tokens(config)
-    if need > config.model.max_seq_len:
+    sequence = config.database.chunk_len + config.generate.max_new_tokens  # the prompt chunk + completion
+    if sequence > config.model.max_seq_len:
         raise ConfigError(
             f"config error in generate.max_new_tokens: the knowledge update completes one chunk "
             f"(database.chunk_len={config.database.chunk_len}) by generate.max_new_tokens="
-            f"{config.generate.max_new_tokens} tokens, {need} in all, more than model.max_seq_len="
+            f"{config.generate.max_new_tokens} tokens, {sequence} in all, more than model.max_seq_len="
             f"{config.model.max_seq_len}; lower generate.max_new_tokens"
         )
     _, files = corpus_files(corpus.source)
@@ -211,6 +214,7 @@ def check_demo(config: PlatformConfig) -> tuple[PlatformConfig, dict[str, str] |
             "(database.corpus.source)"
         )
     held_out = None
+    need = update_tokens(config)
     if takes_beyond_cut(corpus):
         need_bytes = need * HOLD_OUT_BYTES_PER_TOKEN
         lengths = [len(doc["text"].encode("utf-8")) for doc in left_out_documents(corpus)]
@@ -218,8 +222,8 @@ def check_demo(config: PlatformConfig) -> tuple[PlatformConfig, dict[str, str] |
             found = f"none of the {len(lengths)} is long enough" if lengths else "there is none"
             raise CorpusError(
                 f"the demo's knowledge update adds a packaged article beyond the first {corpus.max_documents} "
-                f"(database.corpus.max_documents), and {found}: it needs {need} tokens (database.chunk_len + "
-                f"generate.max_new_tokens), about {need_bytes} bytes. Lower max_documents, set it to null (the "
+                f"(database.corpus.max_documents), and {found}: it needs {need} tokens (the prompt starts 3/8 "
+                f"of a chunk in, then one chunk, then generate.max_new_tokens), about {need_bytes} bytes. Lower max_documents, set it to null (the "
                 "demo then holds one article out of the database), or lower generate.max_new_tokens"
             )
     else:

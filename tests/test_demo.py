@@ -72,7 +72,7 @@ def first_long(docs, min_tokens: int) -> dict:
         pytest.param(
             ["database.corpus.source={tmp}/short.jsonl"],
             CorpusError,
-            r"no document is long enough: it needs 128 tokens .*Lower generate.max_new_tokens",
+            r"no document is long enough: it needs 152 tokens .*Lower generate.max_new_tokens",
             id="no document long enough",
         ),
         pytest.param(
