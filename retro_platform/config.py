@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import yaml
 
 from retro_model.config import RetroConfig
+from retro_platform import typed
 from retro_platform.errors import ConfigError, ConfigFileNotFoundError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -102,7 +101,7 @@ class CorpusConfig:
     document, ``retro_platform.db.corpus.mirror_text``), so a mirror's chunks start at another offset of
     the text than its original's, as near-duplicates do in real corpora (``retrieval_gain.py --corpus
     shifted``). 0 = exact copies."""
-    exclude_ids: list[str] = field(default_factory=list)
+    exclude_ids: list[str] = field(default_factory=list, metadata=typed.AS_IS)
     """Ids of corpus documents to leave out of the database, and so out of training (integers are read as
     their decimal strings, as corpus ids are). They are skipped as they are read, like empty documents:
     they do not count towards ``max_documents`` and a mirrored corpus has no twin of them. Every id must
@@ -570,7 +569,25 @@ class PlatformConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PlatformConfig:
         """Build from a nested dict, naming unknown keys and wrongly typed values."""
-        return _build(cls, values, "")
+        try:
+            return typed.load(cls, values, convert_numbers=True, allow_null=True)
+        except typed.UnknownKeys as exc:
+            raise ConfigError(
+                f"config error: unknown key(s) {exc.unknown} in {exc.where() or 'the top level'}; "
+                f"known keys: {exc.known}"
+            ) from None
+        except typed.WrongType as exc:
+            expected = "true/false" if exc.expected == "true or false" else exc.expected
+            raise ConfigError(
+                f"config error in {exc.where(items=False) or '<root>'}: expected {expected}, got {exc.value!r}"
+            ) from None
+        except typed.LoadError as exc:  # a field without a default: none has one today
+            raise ConfigError(f"config error in {exc.where(items=False)}: {exc}") from None
+        except ValueError as exc:  # a section's own check (__post_init__)
+            msg = str(exc)
+            if msg.startswith("RetroConfig."):
+                msg = "config error in model." + msg[len("RetroConfig.") :]
+            raise ConfigError(msg) from None
 
 
 def flatten_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -583,80 +600,6 @@ def flatten_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def _coerce(value: Any, annotation: Any, setting: str) -> Any:
-    """Check/convert one YAML value to the field's annotated type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, setting)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"config error in {setting}: bad value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config error in {setting}: expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], setting) for v in value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config error in {setting}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config error in {setting}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config error in {setting}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config error in {setting}: expected a string, got {value!r}")
-    return value
-
-
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"config error in {prefix or '<root>'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(
-            f"config error: unknown key(s) {[prefix + u for u in unknown]} in {where}; "
-            f"known keys: {sorted(fields)}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, annotation, prefix + name)
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        msg = str(exc)
-        if msg.startswith("RetroConfig."):
-            msg = "config error in model." + msg[len("RetroConfig.") :]
-        raise ConfigError(msg) from None
 
 
 def _parse_scalar(text: str) -> Any:

@@ -109,17 +109,23 @@ class FileStat:
     """What identifies one version of a file: its size, modification time and (S3) ETag.
 
     ``mtime_ns`` is the local file's mtime, or the object's Last-Modified on S3 (whole seconds there, so
-    compare ``etag`` too to notice a rewrite within one second). ``sha256`` is filled only by the writes
-    asked for ``checksum=True``."""
+    compare ``etag`` too to notice a rewrite within one second). ``sha256`` is filled by the writes asked
+    for ``checksum=True``, and by whoever records a checksum with the stat (a database manifest's
+    ``file_stats``, which stores an unknown mtime as 0)."""
 
     size: int
+    """Bytes."""
     mtime_ns: int | None
+    """Modification time (ns since the epoch); None when storage does not say."""
     etag: str | None = None
+    """The object's ETag on S3; None for local files."""
     sha256: str | None = None
+    """The file's checksum, when it was taken or recorded with this stat."""
 
     def same_version(self, other: FileStat) -> bool:
-        """Whether ``other`` describes the same version (size, mtime and ETag; sha256 is ignored)."""
-        return (self.size, self.mtime_ns, self.etag) == (other.size, other.mtime_ns, other.etag)
+        """Whether ``other`` describes the same version (size, mtime and ETag; sha256 is ignored). An
+        unknown mtime (None) counts as 0, as records that need an integer store it."""
+        return (self.size, self.mtime_ns or 0, self.etag) == (other.size, other.mtime_ns or 0, other.etag)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retro_platform import storage
+from retro_platform import storage, typed
 from retro_platform.db.files import file_sha256, write_json_atomic
 from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout
 from retro_platform.errors import DatabaseError
+from retro_platform.storage import FileStat
 
 # In every dataclass below a field that defaults to None is a key the JSON may lack (None = absent, never
 # written); every other field is a key the JSON must have.
@@ -181,24 +181,6 @@ class NeighborTable:
 
 
 @dataclass
-class FileStat:
-    """What a file looked like when its checksum was recorded (``Manifest.file_stats``)."""
-
-    size: int
-    """Bytes."""
-    mtime_ns: int
-    """Modification time (ns since the epoch)."""
-    sha256: str
-    """The checksum ``files`` held for it then (a manifest whose checksum was changed since is hashed)."""
-    etag: str | None = None
-    """The object's ETag on S3 (Last-Modified has whole seconds there); None for local files."""
-
-    def matches(self, stat: storage.FileStat) -> bool:
-        """Whether a file's current ``storage.file_info`` is the version this records."""
-        return (self.size, self.mtime_ns, self.etag) == (stat.size, stat.mtime_ns or 0, stat.etag)
-
-
-@dataclass
 class Manifest:
     """``manifest.json``: what was built, from what, and the sha256 of every file.
 
@@ -264,7 +246,23 @@ class Manifest:
     def from_dict(cls, values: Any, source: str | Path = "manifest.json") -> Manifest:
         """Check and convert parsed JSON; DatabaseError naming ``source`` and the key when a key is
         missing, unknown or of the wrong type."""
-        manifest = _from_json(cls, values, "", str(source))
+        try:
+            manifest = typed.load(cls, values)
+        except typed.WrongType as exc:
+            expected = "an object" if exc.expected == "a mapping" else exc.expected
+            shown = repr(exc.value) if len(repr(exc.value)) <= 60 else repr(exc.value)[:57] + "..."
+            raise DatabaseError(
+                f"{source}: {exc.where() or 'the manifest'} should be {expected}, not {shown}; {_REBUILD}"
+            ) from None
+        except typed.UnknownKeys as exc:
+            raise DatabaseError(
+                f"{source} has unknown key {exc.unknown[0]} (written by another version?); {_REBUILD}"
+            ) from None
+        except typed.MissingKey as exc:
+            raise DatabaseError(f"{source} lacks {exc.where()}; {_REBUILD}") from None
+        for relative, stat in (manifest.file_stats or {}).items():
+            if stat.sha256 is None:  # storage.FileStat's sha256 is optional; a recorded stat has one
+                raise DatabaseError(f"{source} lacks file_stats[{relative}].sha256; {_REBUILD}")
         if manifest.status == "complete":
             for name in cls.COMPLETE_SECTIONS:
                 if getattr(manifest, name) is None:
@@ -277,59 +275,6 @@ class Manifest:
 
 
 _REBUILD = "run `retro build-db` to rebuild the database"
-
-
-def _from_json(annotation: Any, value: Any, key: str, source: str) -> Any:
-    """``value`` checked against (and converted to) ``annotation``; ``key`` names it in errors."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):  # X | None: None only stands for an absent key
-        annotation = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise _wrong_type(source, key, value, "an object")
-        hints = typing.get_type_hints(annotation)
-        fields = {f.name: f for f in dataclasses.fields(annotation)}
-        prefix = f"{key}." if key else ""
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            raise DatabaseError(
-                f"{source} has unknown key {prefix}{unknown[0]} (written by another version?); {_REBUILD}"
-            )
-        kwargs = {}
-        for name, field in fields.items():
-            if name in value:
-                kwargs[name] = _from_json(hints[name], value[name], prefix + name, source)
-            elif field.default is dataclasses.MISSING:
-                raise DatabaseError(f"{source} lacks {prefix}{name}; {_REBUILD}")
-        return annotation(**kwargs)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _wrong_type(source, key, value, "an object")
-        return {k: _from_json(args[1], v, f"{key}[{k}]", source) for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise _wrong_type(source, key, value, "a list")
-        return [_from_json(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    accepted, name = _SCALARS[annotation]
-    if not isinstance(value, accepted) or (annotation is not bool and isinstance(value, bool)):
-        raise _wrong_type(source, key, value, name)
-    return value  # as read (a number stays an int or a float), so the JSON written back is the same
-
-
-_SCALARS = {
-    int: ((int,), "an integer"),
-    float: ((int, float), "a number"),
-    str: ((str,), "a string"),
-    bool: ((bool,), "true or false"),
-}
-
-
-def _wrong_type(source: str, key: str, value: Any, expected: str) -> DatabaseError:
-    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-    return DatabaseError(f"{source}: {key or 'the manifest'} should be {expected}, not {shown}; {_REBUILD}")
 
 
 def _to_json(value: Any) -> Any:
@@ -382,7 +327,7 @@ def file_stat(location: str | Path, checksum: str) -> FileStat | None:
         info = storage.file_info(location)
     except FileNotFoundError:
         return None
-    return FileStat(info.size, info.mtime_ns or 0, checksum, info.etag)
+    return FileStat(size=info.size, mtime_ns=info.mtime_ns or 0, etag=info.etag, sha256=checksum)
 
 
 def load_manifest(db_path: str | Path) -> Manifest:
@@ -462,7 +407,7 @@ def validate_database(
                         f"database file {path} does not match its checksum: it has {info.size} bytes, "
                         f"{recorded.size} were written (truncated or modified); run `retro build-db` to rebuild it"
                     )
-                if recorded.matches(info):
+                if recorded.same_version(info):
                     continue  # unchanged since it was recorded: `retro verify-db` hashes it anyway
             if file_sha256(path) != checksum:
                 raise DatabaseError(

@@ -21,7 +21,7 @@ from retro_platform import storage
 from retro_platform.config import PlatformConfig
 from retro_platform.db.files import file_sha256, is_temporary
 from retro_platform.db.layout import FORMAT_VERSION, DatabaseLayout, Location
-from retro_platform.db.manifest import FileStat, Manifest, file_stat, load_manifest, write_manifest
+from retro_platform.db.manifest import Manifest, file_stat, load_manifest, write_manifest
 from retro_platform.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Ledger:
         self.inputs: dict[str, dict[str, str]] = {}  # relative path -> {input relative path: sha256}
         self.written: list[str] = []  # relative paths written by this run
         self.fingerprint: dict[str, Any] = {}
-        self.stats: dict[str, FileStat] = {}  # relative path -> what it looked like with its checksum
+        self.stats: dict[str, storage.FileStat] = {}  # relative path -> what it looked like with its checksum
         self._sha: dict[str, str | None] = {}
         self._last_checkpoint = -float("inf")
 
@@ -107,7 +107,9 @@ class Ledger:
                 stat = ((self.previous.file_stats or {}) if self.previous else {}).get(key)
                 recorded = self.files.get(key)
                 vouched = (
-                    stat is not None and stat.sha256 == recorded and stat.matches(storage.file_info(path))
+                    stat is not None
+                    and stat.sha256 == recorded
+                    and stat.same_version(storage.file_info(path))
                 )
                 self._sha[key] = recorded if vouched else file_sha256(path)
                 if vouched:
