@@ -7,16 +7,15 @@ every client sends streamed completions (``--max-tokens`` tokens, greedy, prompt
 database's own chunks so that retrieval runs) back to back for ``--requests`` requests in all.
 Printed per setting: requests/s, generated tokens/s, p50/p99 latency to the first token, p50/p99
 time per token after the first, and the retrieval wait per retrieving chunk (the engine's lookup time,
-one pool query per step for all rows). The baseline of the same run: `retro generate`'s path
-(``generation.complete``, one sequence in this process with the same pool) on the same prompts, in
-tokens/s. Targets on a 2-core machine: one stream >= 0.8x `retro generate`'s tokens/s; 4 clients on
+one pool query per step for all rows). Completions run to ``--max-tokens`` (``ignore_eos``). The
+baseline of the same run: `retro generate`'s path (``retro_model.generate.generate`` with the pool's
+``PoolRetriever``, one sequence in this process) on the same prompts, in tokens/s. Targets on a 2-core machine: one stream >= 0.8x `retro generate`'s tokens/s; 4 clients on
 one replica >= 2x one client's tokens/s. Ratios from one run only (the CPU model is printed).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -33,16 +32,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 
-def stream(url: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed completion -> {first_token_s, total_s, tokens, retrieval_s, chunks}."""
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True}).encode()
+def stream(url: str, prompt: str, max_tokens: int, streamed: bool = True) -> dict:
+    """One completion (server-sent events, or one JSON answer) -> {first_token_s, total_s, tokens,
+    retrieval_s, chunks}; without streaming the first token's time is the replica's own figure."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": streamed, "ignore_eos": True}
+    body = json.dumps(body).encode()
     request = urllib.request.Request(url + "/v1/completions", data=body, method="POST")
     request.add_header("Content-Type", "application/json")
     t0 = time.perf_counter()
     first = None
     final = None
     with urllib.request.urlopen(request, timeout=600) as response:
-        for line in response:
+        if not streamed:
+            final = json.loads(response.read())
+            first = final["usage"]["first_token_s"]
+        for line in response if streamed else []:
             line = line.decode().strip()
             if not line.startswith("data: "):
                 continue
@@ -68,8 +72,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def load(url: str, prompts: list[str], clients: int, requests: int, max_tokens: int) -> dict:
-    """``requests`` streamed completions from ``clients`` threads -> the figures of the setting."""
+def load(
+    url: str, prompts: list[str], clients: int, requests: int, max_tokens: int, streamed: bool = True
+) -> dict:
+    """``requests`` completions from ``clients`` threads -> the figures of the setting."""
     results: list[dict] = []
     lock = threading.Lock()
     counter = iter(range(requests))
@@ -80,7 +86,7 @@ def load(url: str, prompts: list[str], clients: int, requests: int, max_tokens: 
                 i = next(counter, None)
             if i is None:
                 return
-            result = stream(url, prompts[i % len(prompts)], max_tokens)
+            result = stream(url, prompts[i % len(prompts)], max_tokens, streamed)
             with lock:
                 results.append(result)
 
@@ -96,6 +102,7 @@ def load(url: str, prompts: list[str], clients: int, requests: int, max_tokens: 
     retrieval = [r["retrieval_s"] / r["chunks"] for r in results if r["chunks"]]
     return {
         "clients": clients,
+        "streamed": streamed,
         "requests": len(results),
         "requests_per_s": len(results) / wall,
         "tokens_per_s": tokens / wall,
@@ -108,23 +115,30 @@ def load(url: str, prompts: list[str], clients: int, requests: int, max_tokens: 
 
 
 def baseline_tokens_per_s(config, model_source: str, prompts: list[str], max_tokens: int) -> float:
-    """`retro generate`'s path on the same prompts: tokens/s of one sequence in this process."""
+    """`retro generate`'s path on the same prompts: tokens/s of one sequence in this process (the same
+    model, pool, aligned retrieval and KV cache; every completion ``max_tokens`` long, as the served ones)."""
+    import torch
+
+    from retro_model.generate import generate
+    from retro_platform.db.embed import Embedder
     from retro_platform.db.manifest import validate_database
-    from retro_platform.generation import complete
+    from retro_platform.db.tokenizer import load_tokenizer
+    from retro_platform.generation import PoolRetriever
     from retro_platform.neighbors.pool import NeighborPool
     from retro_platform.serve.app import load_served_model
 
     manifest = validate_database(config.db_path)
     model, _, _ = load_served_model(config, model_source, manifest)
+    tokenizer = load_tokenizer(config.db_path)
     pool = NeighborPool.start(config, manifest)
-    gen_config = dataclasses.replace(
-        config, generate=dataclasses.replace(config.generate, max_new_tokens=max_tokens, temperature=0.0)
-    )
-    complete(gen_config, model, pool, prompts[0])  # warm up
+    embedder = Embedder.from_manifest(manifest, out_dtype="float32")
+    align = model.config.neighbor_alignment == "match"
+    retriever = PoolRetriever(pool, tokenizer, embedder, model.config.num_neighbors, align)
+    encoded = [torch.tensor(tokenizer.encode(p).ids) for p in prompts]
+    generate(model, encoded[0], 4, retrieve=retriever)  # warm up
     t0 = time.perf_counter()
-    for prompt in prompts:
-        complete(gen_config, model, pool, prompt)
-    return len(prompts) * max_tokens / (time.perf_counter() - t0)
+    produced = sum(len(generate(model, ids, max_tokens, retrieve=retriever)) - len(ids) for ids in encoded)
+    return produced / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -181,10 +195,11 @@ def main() -> None:
         )
         url = start_service(config, args.model)
         stream(url, prompts[0], 4)  # warm up every layer of the path
-        for clients in args.clients:
+        for clients, streamed in [(1, False)] + [(clients, True) for clients in args.clients]:
+            requests = max(args.requests, clients)
             result = {
                 "replicas": replicas,
-                **load(url, prompts, clients, max(args.requests, clients), args.max_tokens),
+                **load(url, prompts, clients, requests, args.max_tokens, streamed),
             }
             result["vs_generate"] = result["tokens_per_s"] / reference
             rows.append(result)
@@ -193,7 +208,8 @@ def main() -> None:
                 flush=True,
             )
         serve.delete(config.serve.app_name)
-    one = next((r for r in rows if r["replicas"] == 1 and r["clients"] == 1), None)
+    one = next((r for r in rows if r["replicas"] == 1 and r["clients"] == 1 and r["streamed"]), None)
+    plain = next((r for r in rows if r["replicas"] == 1 and r["clients"] == 1 and not r["streamed"]), None)
     four = next((r for r in rows if r["replicas"] == 1 and r["clients"] == 4), None)
     print(
         "\n| replicas | clients | requests/s | tokens/s | x retro generate | first token p50 / p99 s | per token p50 / p99 ms | retrieval per chunk ms |"
@@ -202,14 +218,15 @@ def main() -> None:
     for r in rows:
         retrieval = r["retrieval_per_chunk_ms"]
         print(
-            f"| {r['replicas']} | {r['clients']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"| {r['replicas']} | {r['clients']}{'' if r['streamed'] else ' (no streaming)'} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
             f"{r['vs_generate']:.2f}x | {r['first_token_p50_s']:.2f} / {r['first_token_p99_s']:.2f} | "
             f"{r['per_token_p50_ms']:.0f} / {r['per_token_p99_ms']:.0f} | "
             f"{'-' if retrieval is None else f'{retrieval:.1f}'} |"
         )
-    if one and four:
+    if one and four and plain:
         print(
-            f"\ntargets: one stream {one['vs_generate']:.2f}x retro generate (>= 0.8x); 4 clients on one replica "
+            f"\ntargets: one client {plain['vs_generate']:.2f}x retro generate without streaming, "
+            f"{one['vs_generate']:.2f}x streamed (>= 0.8x); 4 clients on one replica "
             f"{four['tokens_per_s'] / one['tokens_per_s']:.2f}x one client (>= 2x)"
         )
     if args.out:

@@ -178,6 +178,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 422, "top_p"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 422, "stream"),
     ("/v1/completions", {"prompt": "hi", "frobnicate": 1}, 422, "frobnicate"),
+    ("/v1/completions", {"prompt": "hi", "ignore_eos": "maybe"}, 422, "ignore_eos"),
     ("/v1/completions", {"prompt": "x" * 30_000}, 413, "body"),
     ("/v1/documents", {"documents": []}, 422, "documents"),
     ("/v1/documents", {"documents": [{"id": "a", "text": ""}]}, 422, "documents.0.text"),

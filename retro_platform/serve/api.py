@@ -42,6 +42,8 @@ class CompletionRequest(BaseModel):
     """Seed of this request's sampling generator (same seed, same completion)."""
     stream: bool = False
     """Stream tokens as server-sent events."""
+    ignore_eos: bool = False
+    """Generate ``max_tokens`` tokens even past the end-of-document token (load tests)."""
 
 
 class Document(BaseModel):

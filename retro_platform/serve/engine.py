@@ -4,8 +4,9 @@ A request becomes a ``Row``: its prompt ids, sampling settings, a seeded generat
 of events. One loop per replica (``Engine.run``) admits waiting rows (up to ``max_batch_size`` active),
 asks the pool once per step for the neighbours of every chunk that rows completed (one embedding call
 and one pool query for all of them), advances every active row by one token in one batched forward
-pass (``retro_model.generate.BatchGenerator``), and puts each row's new text on its queue. The forward
-pass runs in a worker thread, so the replica keeps answering health checks and new requests meanwhile.
+pass (``retro_model.generate.BatchGenerator``), and puts each row's new text on its queue. The loop runs
+on the replica's one torch thread, so the replica keeps answering health checks and new requests, and
+relaying tokens, meanwhile.
 
 Greedy completions equal `retro generate`'s for the same prompt (the same per-chunk retrieval, the same
 aligned neighbour windows, the same model), whatever else the replica is generating at the time.
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +29,9 @@ import torch
 from retro_model.generate import BatchGenerator
 
 logger = logging.getLogger(__name__)
+
+NO_TOKEN = -1
+"""An end token no sequence produces (``ignore_eos``)."""
 
 NeighbourLookup = Callable[[list[torch.Tensor]], list[tuple[torch.Tensor, dict[str, Any]]]]
 """chunk token tensors [m] -> per chunk (neighbour tokens [k, r], what was read: ids, scores, texts)."""
@@ -40,6 +47,7 @@ class Row:
     top_k: int | None
     top_p: float | None
     seed: int | None
+    ignore_eos: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     new_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -54,7 +62,13 @@ class Row:
 
 
 class Engine:
-    """Steps the active rows of one replica together (see the module docstring)."""
+    """Steps the active rows of one replica together (see the module docstring).
+
+    The stepping loop runs on one thread of its own (``executor``: the replica's torch thread), not on
+    the event loop: requests arrive through a thread-safe inbox and events go back to each request's
+    asyncio queue with ``call_soon_threadsafe``, so the next step never waits for the event loop to
+    relay the previous one's tokens.
+    """
 
     def __init__(
         self,
@@ -63,26 +77,32 @@ class Engine:
         lookup: NeighbourLookup | None,
         max_batch_size: int,
         eos_id: int | None,
+        executor: ThreadPoolExecutor | None = None,
     ):
+        """``executor``: the single thread the loop runs on (None: one of its own)."""
         self.model = model
         self.tokenizer = tokenizer
         self.lookup = lookup
         self.max_batch_size = max_batch_size
         self.eos_id = eos_id
-        self.waiting: asyncio.Queue[Row] = asyncio.Queue()
-        self.active: list[Row] = []
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="retro-engine")
+        self.inbox: queue.SimpleQueue[tuple[Row, asyncio.AbstractEventLoop]] = queue.SimpleQueue()
+        self.active: list[tuple[Row, asyncio.AbstractEventLoop]] = []
         self.steps = 0
         self.batched_rows = 0
-        self._task: asyncio.Task | None = None
+        self._lock = threading.Lock()
+        self._running = False
         self.generator = BatchGenerator(model, retrieve_many=self._retrieve_many, eos_id=eos_id)
         self._read: dict[int, list[dict[str, Any]]] = {}
         self._lookup_s = 0.0
 
     def submit(self, row: Row) -> None:
-        """Queue a row; the loop admits it at its next step."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self.run())
-        self.waiting.put_nowait(row)
+        """Queue a row (from the event loop); the stepping loop admits it at its next step."""
+        self.inbox.put((row, asyncio.get_running_loop()))
+        with self._lock:
+            if not self._running:
+                self._running = True
+                self.executor.submit(self.run)
 
     def _retrieve_many(self, handles: list[int], chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         """The neighbours of the chunks rows completed (one lookup for all) -> tokens [k, r] each."""
@@ -94,8 +114,8 @@ class Engine:
         return [tokens for tokens, _ in found]
 
     def _admit(self) -> None:
-        while len(self.active) < self.max_batch_size and not self.waiting.empty():
-            row = self.waiting.get_nowait()
+        while len(self.active) < self.max_batch_size and not self.inbox.empty():
+            row, loop = self.inbox.get()
             generator = None
             if row.seed is not None:
                 generator = torch.Generator().manual_seed(row.seed)
@@ -106,53 +126,60 @@ class Engine:
                 top_k=row.top_k,
                 top_p=row.top_p,
                 generator=generator,
+                eos_id=NO_TOKEN if row.ignore_eos else None,
             )
-            self.active.append(row)
+            self.active.append((row, loop))
 
-    def _step(self) -> dict[int, list[int]]:
-        """One batched step of every active row -> new token ids per row handle (runs in a thread)."""
-        with torch.inference_mode():
-            return self.generator.step()
+    @staticmethod
+    def _publish(row: Row, loop: asyncio.AbstractEventLoop, event: dict[str, Any]) -> None:
+        """Hand an event to the request's queue on its event loop."""
+        loop.call_soon_threadsafe(row.events.put_nowait, event)
 
-    async def run(self) -> None:
-        """Admit, step, publish; until no row is active or waiting (the next submit starts it again)."""
+    def run(self) -> None:
+        """Admit, step, publish (on the engine's thread); until no row is active or waiting (the next
+        ``submit`` starts it again)."""
         while True:
             self._admit()
             if not self.active:
-                if self.waiting.empty():
-                    return
+                with self._lock:
+                    if self.inbox.empty():
+                        self._running = False
+                        return
                 continue
             try:
-                produced = await asyncio.to_thread(self._step)
+                with torch.inference_mode():
+                    produced = self.generator.step()
             except Exception as exc:  # a failed step fails its rows, never the replica
                 logger.exception("generation step failed")
-                for row in self.active:
+                for row, loop in self.active:
                     self.generator.remove(row.handle)
-                    row.events.put_nowait({"error": f"generation failed: {exc}"})
+                    self._publish(row, loop, {"error": f"generation failed: {exc}"})
                 self.active = []
                 continue
             self.steps += 1
             self.batched_rows += len(self.active)
             lookup_s, self._lookup_s = self._lookup_s, 0.0
             still = []
-            for row in self.active:
+            for row, loop in self.active:
                 reads = self._read.pop(row.handle, [])
                 if reads:
                     row.retrieval_s += lookup_s
                 for read in reads:
                     row.chunks.append(read)
-                    row.events.put_nowait({"chunk": read})
+                    self._publish(row, loop, {"chunk": read})
                 ids = produced.get(row.handle, [])
                 if ids:
                     if row.first_token_s is None:
                         row.first_token_s = time.perf_counter() - row.started
                     row.new_ids.extend(ids)
-                    text = self.tokenizer.decode(row.new_ids)
-                    delta, row.text = text[len(row.text) :], text
-                    row.events.put_nowait({"token": delta, "ids": ids})
+                    # a character whose bytes are not all generated yet decodes as U+FFFD: hold it back
+                    text = self.tokenizer.decode(row.new_ids).rstrip("\ufffd")
+                    delta = text[len(row.text) :] if text.startswith(row.text) else ""
+                    row.text += delta
+                    self._publish(row, loop, {"token": delta, "ids": ids})
                 if self.generator.finished(row.handle):
                     self.generator.remove(row.handle)
-                    row.events.put_nowait({"done": True})
+                    self._publish(row, loop, {"done": True})
                 else:
-                    still.append(row)
+                    still.append((row, loop))
             self.active = still
