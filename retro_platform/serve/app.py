@@ -288,12 +288,9 @@ class Generator:
 
     async def complete(self, body: dict) -> dict:
         """One completion as a dict (the last event of ``stream``, or an error)."""
-        chunks = []
         async for event in self.stream(body):
             if "error" in event or "done" in event:
-                return event
-            if "chunk" in event:
-                chunks.append(event["chunk"])
+                return event  # the done event carries every chunk's neighbours
         return {"error": "generation ended without a result", "status": 500}
 
     async def neighbors(self, text: str, k: int | None) -> dict:
