@@ -274,8 +274,8 @@ def folder_bytes(path: Path) -> int:
 
 def run_one(target: int, args: argparse.Namespace) -> dict[str, Any]:
     """Generate the corpus of ``target`` chunks and build it in this process -> the measurements."""
+    from retro_platform.commands.build_db import build_database
     from retro_platform.config import load_config
-    from retro_platform.db.build import build_database
     from retro_platform.db.corpus import corpus_pieces
     from retro_platform.db.embed import STAND_IN_ENCODER
 

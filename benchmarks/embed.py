@@ -102,8 +102,8 @@ def full_build(cpus: int) -> None:
     """Time `retro build-db` of the whole default corpus and print its stages from the MLflow run."""
     import mlflow
 
+    from retro_platform.commands.build_db import build_database
     from retro_platform.config import load_config
-    from retro_platform.db.build import build_database
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [

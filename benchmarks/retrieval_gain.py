@@ -5,7 +5,7 @@
         --steps 20 --seeds 0                                # smoke test, a few minutes on 2 cores
 
 Every stage is the platform's own, in one local Ray: ``build_database`` -> ``run_training`` of RETRO
-and of the decoder-only baseline on the same sequences (``retro_platform.demo.variant``: the runs
+and of the decoder-only baseline on the same sequences (``retro_platform.commands.demo.variant``: the runs
 differ only in ``model.retrieval`` and ``train.name``) -> ``run_evaluation`` of both, one
 ``NeighborPool`` per database reused by training and evaluation, as ``retro demo`` does.
 
@@ -186,8 +186,8 @@ def loop_seconds(config: Any, run_id: str) -> float | None:
 
 def train_and_evaluate(config: Any, pool: Any) -> dict[str, Any]:
     """``run_training`` then ``run_evaluation`` of one variant -> its numbers (and the eval metrics)."""
-    from retro_platform.evaluate import run_evaluation
-    from retro_platform.train.trainer import run_training
+    from retro_platform.commands.evaluate import run_evaluation
+    from retro_platform.commands.train import run_training
 
     retro = config.model.retrieval
     t0 = time.perf_counter()
@@ -212,8 +212,8 @@ def train_and_evaluate(config: Any, pool: Any) -> dict[str, Any]:
 
 def run_corpus(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[Any, dict[str, Any]]:
     """Build the corpus' database, then train and evaluate every variant of every seed -> (config, result)."""
-    from retro_platform.db.build import build_database
-    from retro_platform.demo import variant
+    from retro_platform.commands.build_db import build_database
+    from retro_platform.commands.demo import variant
     from retro_platform.neighbors.pool import NeighborPool
     from retro_platform.ray_utils import init_ray
 
@@ -233,7 +233,7 @@ def run_corpus(args: argparse.Namespace, corpus: str, stamp: str) -> tuple[Any, 
         tokens_per_step=tokens_per_step(config),
     )
     if config.train.neighbor_mode == "precomputed" and not manifest.neighbors:
-        from retro_platform.db.precompute import precompute_neighbors
+        from retro_platform.commands.query_neighbors import precompute_neighbors
 
         precompute_neighbors(config)
     pool = NeighborPool.start(config, manifest)
@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_output(verbose=False, native_stderr=argv is None)  # the `retro` commands' quiet output
     import ray
 
-    from retro_platform.compare import compare_experiment
+    from retro_platform.commands.compare import compare_experiment
     from retro_platform.db.corpus import wikipedia_summaries_path
     from retro_platform.errors import RetroError
 

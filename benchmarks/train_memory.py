@@ -71,7 +71,7 @@ def write_database(db: Path, num_chunks: int, chunk_len: int, k_candidates: int)
         SplitShard,
         TokenizerInfo,
     )
-    from retro_platform.db.precompute import NEIGHBOR_ROWS_PER_GROUP, neighbor_schema
+    from retro_platform.db.neighbor_tables import NEIGHBOR_ROWS_PER_GROUP, neighbor_schema
 
     layout = DatabaseLayout(db)
     if Path(layout.manifest).exists():

@@ -36,8 +36,8 @@ def run_once(preset: str, base: list[str], label: str, mode: str, query_batches:
     """Train one short run -> median tokens/s, median neighbour wait, wall seconds."""
     import mlflow
 
+    from retro_platform.commands.train import run_training
     from retro_platform.config import load_config
-    from retro_platform.train.trainer import run_training
 
     config = load_config(
         preset,
@@ -221,10 +221,10 @@ def main() -> None:
     configure_output(verbose=False, native_stderr=True)  # the `retro` commands' quiet output
     import ray
 
+    from retro_platform.commands.build_db import build_database
+    from retro_platform.commands.query_neighbors import precompute_neighbors
     from retro_platform.config import load_config
-    from retro_platform.db.build import build_database
     from retro_platform.db.manifest import load_manifest
-    from retro_platform.db.precompute import precompute_neighbors
     from retro_platform.ray_utils import init_ray
 
     work = ROOT / "work" / f"bench-online-{args.preset}"

@@ -36,38 +36,35 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str = "demo") -> 
 
 def cmd_build_db(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Build (or resume, or repair) the retrieval database."""
-    from retro_platform.db.build import build_database
+    from retro_platform.commands.build_db import build_database
 
     build_database(config)
 
 
 def cmd_verify_db(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Check every file of the database against its sha256 (stages only check sizes and times)."""
-    from retro_platform.db.manifest import validate_database
+    from retro_platform.commands.verify_db import verify_database
 
-    manifest = validate_database(config.db_path, check_files="full")
-    print(
-        f"database {config.db_path} ({manifest.db_id}): all {len(manifest.files)} files match their checksums"
-    )
+    verify_database(config)
 
 
 def cmd_query_neighbors(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Precompute the neighbour table of every chunk through the pool."""
-    from retro_platform.db.precompute import precompute_neighbors
+    from retro_platform.commands.query_neighbors import precompute_neighbors
 
     precompute_neighbors(config)
 
 
 def cmd_add_docs(config: PlatformConfig, args: argparse.Namespace) -> None:
-    """Add documents to the database (and to a running pool)."""
-    from retro_platform.db.add_docs import add_documents
+    """Add documents to the database (a running `retro serve` reads them from its next request)."""
+    from retro_platform.commands.add_docs import add_docs
 
-    add_documents(config, args.files)
+    add_docs(config, args.files)
 
 
 def cmd_neighbors(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Print a chunk (or a text) and its neighbours with scores."""
-    from retro_platform.neighbors.inspect import show_neighbors
+    from retro_platform.commands.neighbors import show_neighbors
 
     if (args.chunk_id is None) == (args.text is None):
         raise UserError("retro neighbors needs exactly one of --chunk-id N or --text '...'")
@@ -76,49 +73,42 @@ def cmd_neighbors(config: PlatformConfig, args: argparse.Namespace) -> None:
 
 def cmd_train(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Train with Ray Train (resumes a run of the same train.name)."""
-    from retro_platform.train.trainer import run_training
+    from retro_platform.commands.train import run_training
 
     run_training(config)
 
 
 def cmd_eval(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Evaluate a checkpoint: valid loss and bits-per-byte with and without retrieval."""
-    from retro_platform.evaluate import run_evaluation
+    from retro_platform.commands.evaluate import run_evaluation
 
     run_evaluation(config, checkpoint=args.checkpoint)
 
 
 def cmd_generate(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Generate a completion with live retrieval."""
-    from retro_platform.generation import run_generation
+    from retro_platform.commands.generate import run_generation
 
     run_generation(config, prompt=args.prompt, checkpoint=args.checkpoint)
 
 
 def cmd_compare(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Compare the runs of an MLflow experiment."""
-    from retro_platform.compare import compare_experiment
+    from retro_platform.commands.compare import compare_experiment
 
     compare_experiment(config, experiment=args.experiment)
 
 
 def cmd_serve(config: PlatformConfig, args: argparse.Namespace) -> None:
     """Serve a trained model over HTTP on Ray Serve, with live retrieval, until interrupted."""
-    import dataclasses
+    from retro_platform.commands.serve import serve_model
 
-    from retro_platform.serve.app import start_service
-
-    if args.checkpoint and args.model:
-        raise UserError("retro serve takes one of --checkpoint DIR or --model URI, not both")
-    serve_cfg = config.serve
-    overrides = {key: getattr(args, key) for key in ("host", "port") if getattr(args, key) is not None}
-    config = dataclasses.replace(config, serve=dataclasses.replace(serve_cfg, **overrides))
-    start_service(config, args.checkpoint or args.model, blocking=True)
+    serve_model(config, checkpoint=args.checkpoint, model=args.model, host=args.host, port=args.port)
 
 
 def cmd_demo(config: PlatformConfig, args: argparse.Namespace) -> None:
     """The whole pipeline on the embedded defaults."""
-    from retro_platform.demo import run_demo
+    from retro_platform.commands.demo import run_demo
 
     run_demo(config)
 
@@ -141,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("build-db", cmd_build_db, "build the retrieval database (Ray Data)")
     add("verify-db", cmd_verify_db, "check every database file against its checksum (sha256)")
     add("query-neighbors", cmd_query_neighbors, "precompute the neighbour table (Ray Data over the pool)")
-    p = add("add-docs", cmd_add_docs, "add documents to the database and the running pool")
+    p = add(
+        "add-docs", cmd_add_docs, "add documents to the database (a running `retro serve` reads them at once)"
+    )
     p.add_argument("files", nargs="+", help="JSONL/Parquet files or folders of .txt/.md documents")
     p = add("neighbors", cmd_neighbors, "show a chunk's neighbours")
     p.add_argument("--chunk-id", type=int, default=None, help="a chunk id of the database")

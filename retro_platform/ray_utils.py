@@ -6,16 +6,22 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import ray
 
 from retro_platform.config import PlatformConfig
 from retro_platform.output import QUIET_ENV_VARS, VERBOSE_ENV, filter_ray_worker_lines
 
-if TYPE_CHECKING:  # the pool and the manifest import the database modules
-    from retro_platform.db.manifest import Manifest
-    from retro_platform.neighbors.pool import NeighborPool
+
+class Stoppable(Protocol):
+    """Something a session stops when it ends."""
+
+    def shutdown(self) -> None:
+        """Release what it holds (actors, threads)."""
+
+
+T = TypeVar("T", bound=Stoppable)
 
 logger = logging.getLogger(__name__)
 
@@ -87,34 +93,29 @@ def init_ray(config: PlatformConfig) -> bool:
 
 
 class RaySession:
-    """What a command holds while Ray is up: its config and the neighbour pools it started."""
+    """What a command holds while Ray is up: its config and what it started that must stop with it
+    (e.g. the neighbour pools: anything with a ``shutdown()``)."""
 
     def __init__(self, config: PlatformConfig):
         self.config = config
-        self.pools: list[NeighborPool] = []
+        self.owned: list[Stoppable] = []
 
-    def start_pool(
-        self, manifest: Manifest | None = None, config: PlatformConfig | None = None
-    ) -> NeighborPool:
-        """Start a NeighborPool over the database (``config``: another than the session's) that the
-        session shuts down when it ends."""
-        from retro_platform.neighbors.pool import NeighborPool
-
-        pool = NeighborPool.start(config or self.config, manifest)
-        self.pools.append(pool)
-        return pool
+    def own(self, resource: T) -> T:
+        """``resource`` (e.g. ``NeighborPool.start(...)``) is shut down when the session ends -> it."""
+        self.owned.append(resource)
+        return resource
 
 
 @contextlib.contextmanager
 def ray_session(config: PlatformConfig) -> Iterator[RaySession]:
-    """Ray for one command: joined or started by ``init_ray``; on exit (also on error) the pools the
-    session started are shut down, then Ray itself when this session started it."""
+    """Ray for one command: joined or started by ``init_ray``; on exit (also on error) what the session
+    owns (``RaySession.own``) is shut down, last first, then Ray itself when this session started it."""
     started = init_ray(config)
     session = RaySession(config)
     try:
         yield session
     finally:
-        for pool in reversed(session.pools):
-            pool.shutdown()
+        for resource in reversed(session.owned):
+            resource.shutdown()
         if started:
             ray.shutdown()

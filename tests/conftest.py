@@ -103,7 +103,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def debug_db(ray_session, tmp_path_factory):
     """(config, manifest) of the debug database: 300 real Wikipedia summaries, 2 shards, Flat."""
-    from retro_platform.db.build import build_database
+    from retro_platform.commands.build_db import build_database
 
     work = tmp_path_factory.mktemp("debug-work")
     config = debug_config(work)

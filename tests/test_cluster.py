@@ -51,10 +51,10 @@ def _gpus(node_type: dict) -> float:
 
 def _requests(config) -> list[tuple[str, str | None, bool]]:
     """(what, custom resource, needs a GPU) for every kind of task/actor the stages of a config start,
-    as the platform asks for them (db/build/tasks.py, db/build/indexing.py, neighbors/pool.py, train/trainer.py)."""
+    as the platform asks for them (db/build/tasks.py, db/build/indexing.py, neighbors/pool.py, commands/train.py)."""
+    from retro_platform.commands.evaluate import evaluation_task_options
     from retro_platform.db.build.indexing import index_resources
     from retro_platform.db.build.tasks import build_resources, embed_resources
-    from retro_platform.evaluate import evaluation_task_options
 
     def name(resources: dict[str, float] | None) -> str | None:
         return next(iter(resources)) if resources else None

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import debug_config
 
-from retro_platform.db.build import build_database
+from retro_platform.commands.build_db import build_database
 from retro_platform.db.corpus import load_documents
 from retro_platform.db.embed import Embedder
 from retro_platform.db.index import choose_factory, train_index, train_sample_size

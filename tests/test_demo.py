@@ -15,10 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import debug_config
 
-from retro_platform.db.corpus import WIKIPEDIA, load_documents, read_documents
-from retro_platform.db.layout import DatabaseLayout
-from retro_platform.db.tokenizer import load_tokenizer
-from retro_platform.demo import (
+from retro_platform.commands.demo import (
     DEMO_PROMPT,
     HOLD_OUT_BYTES_PER_TOKEN,
     check_built_database,
@@ -27,6 +24,9 @@ from retro_platform.demo import (
     unseen_document,
     update_tokens,
 )
+from retro_platform.db.corpus import WIKIPEDIA, load_documents, read_documents
+from retro_platform.db.layout import DatabaseLayout
+from retro_platform.db.tokenizer import load_tokenizer
 from retro_platform.errors import ConfigError, CorpusError, DatabaseError
 
 
@@ -155,7 +155,7 @@ def test_held_out_document_is_in_neither_the_database_nor_training(ray_session, 
     """A user's JSON Lines corpus: `check_demo` holds out its first document long enough for the knowledge
     update; the database built from the config it returns holds every other document and not that one
     (training reads its sequences from the database), and the knowledge update then finds it."""
-    from retro_platform.db.build import build_database
+    from retro_platform.commands.build_db import build_database
 
     texts = wikipedia_texts(60)
     docs = [("note-0", "A short note."), ("note-1", "Another short note.")]

@@ -16,13 +16,14 @@ from conftest import debug_config
 from retro_model.checkpoint import save_model_dir
 from retro_model.model import Retro
 from retro_platform.checkpoints import model_for_database
-from retro_platform.compare import compare_experiment
+from retro_platform.commands.compare import compare_experiment
+from retro_platform.commands.evaluate import run_evaluation
+from retro_platform.commands.query_neighbors import precompute_neighbors
+from retro_platform.commands.train import run_training
 from retro_platform.db.manifest import load_manifest
-from retro_platform.db.precompute import precompute_neighbors
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import CheckpointError
-from retro_platform.evaluate import run_evaluation
 from retro_platform.overlap import (
     BUCKETS,
     OverlapTotals,
@@ -32,7 +33,6 @@ from retro_platform.overlap import (
     sequence_chunk_overlap,
 )
 from retro_platform.train.data import SequenceSource, evaluation_batches, token_byte_lengths
-from retro_platform.train.trainer import run_training
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ from conftest import debug_config
 from retro_model.checkpoint import save_model_dir
 from retro_model.model import Retro
 from retro_platform.checkpoints import model_for_database
+from retro_platform.commands.generate import run_generation
 from retro_platform.db.add_docs import add_documents
 from retro_platform.db.embed import Embedder
 from retro_platform.db.files import load_npy, parquet_file
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import load_manifest
-from retro_platform.generation import run_generation
 from retro_platform.neighbors.pool import NeighborPool
 
 FACT = (
@@ -61,7 +61,7 @@ def test_added_document_changes_the_greedy_completion_without_retraining(debug_d
     new_docs.write_text(json.dumps({"id": "zorblatt", "text": FACT * 3}) + "\n")
     pool = NeighborPool.start(config)
     try:
-        add_documents(config, [str(new_docs)], pool=pool)
+        pool.refresh(config, add_documents(config, [str(new_docs)]))
     finally:
         pool.shutdown()
     capsys.readouterr()
@@ -97,7 +97,7 @@ def test_demo_knowledge_update_adds_an_unseen_article_to_a_copy_of_the_database(
     """The demo's step 6: an article from beyond the corpus cut is added to a copy of the database; a
     span of it that starts mid-sentence then retrieves the article itself, the window the model reads
     continues with the article's next chunk, and the demo's database stays as it was."""
-    from retro_platform.demo import knowledge_update
+    from retro_platform.commands.demo import knowledge_update
 
     source, _ = debug_db
     shutil.copytree(source.db_path, tmp_path / "db")
@@ -148,7 +148,7 @@ def test_any_span_of_an_added_document_reads_the_words_that_follow_it(debug_db, 
     assert len(ids) >= max(starts) + 2 * m
     pool = NeighborPool.start(config)
     try:
-        add_documents(config, [str(new_docs)], pool=pool)
+        pool.refresh(config, add_documents(config, [str(new_docs)]))
         embedder = Embedder.from_manifest(load_manifest(config.db_path), out_dtype="float32")
         retrievers = {
             align: PoolRetriever(pool, tokenizer, embedder, config.model.num_neighbors, align=align)

@@ -32,7 +32,7 @@ from local_head import free_port
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
-from retro_platform.db.build import build_database
+from retro_platform.commands.build_db import build_database
 from retro_platform.db.manifest import load_manifest, validate_database
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import debug_config
 
-from retro_platform.db.build import build_database
+from retro_platform.commands.build_db import build_database
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.neighbors.pool import NeighborPool
 

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import debug_config
 
+from retro_platform.commands.neighbors import find_neighbors, show_neighbors
+from retro_platform.commands.query_neighbors import precompute_neighbors
 from retro_platform.db.add_docs import add_documents
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import validate_database
-from retro_platform.db.precompute import precompute_neighbors
 from retro_platform.db.store import ChunkStore
-from retro_platform.neighbors.inspect import find_neighbors, show_neighbors
 from retro_platform.neighbors.pool import NeighborPool
 
 
@@ -63,7 +63,8 @@ def test_added_document_is_found_live_and_after_restart(debug_db, tmp_path, caps
     try:
         before = find_neighbors(config, pool, text=fact, k=2)[2]
         assert not any("Zorblatt" in t for t in before)
-        manifest = add_documents(config, [str(new_docs)], pool=pool)
+        manifest = add_documents(config, [str(new_docs)])
+        pool.refresh(config, manifest)
         _, live, texts = find_neighbors(config, pool, text=fact, k=2)
         assert "Zorblatt" in texts[0] and live.scores[0, 0] > 0.9
     finally:

@@ -116,7 +116,7 @@ def retrofit_config(work, db_path, name, *overrides):
 
 def test_retrofit_copies_the_baseline_decoder_and_trains_only_retrieval(debug_db, tmp_path):
     from retro_platform.checkpoints import model_for_database
-    from retro_platform.train.trainer import run_training
+    from retro_platform.commands.train import run_training
 
     db_config, manifest = debug_db
     baseline_out = run_training(
@@ -183,7 +183,7 @@ def test_retrofit_copies_the_baseline_decoder_and_trains_only_retrieval(debug_db
 
 def test_init_from_refuses_missing_and_mismatched_checkpoints_before_writing(debug_db, tmp_path):
     from retro_platform.checkpoints import model_for_database
-    from retro_platform.train.trainer import run_training
+    from retro_platform.commands.train import run_training
 
     db_config, manifest = debug_db
     model_cfg = model_for_database(retrofit_config(tmp_path, db_config.db_path, "x"), manifest).model

@@ -13,13 +13,13 @@ import torch
 from conftest import debug_config
 
 from retro_model.checkpoint import load_model_dir
-from retro_platform.db.precompute import precompute_neighbors
+from retro_platform.commands.query_neighbors import precompute_neighbors
+from retro_platform.commands.train import run_training
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.tracking import load_retro_model
 from retro_platform.train.data import BatchLoader, SequenceSource, token_byte_lengths
-from retro_platform.train.trainer import run_training
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_ddp_training_loss_falls_logs_to_mlflow_checkpoint_reloads_and_rerun_res
 
 
 def test_retro_and_baseline_train_on_the_same_sequences_and_share_an_experiment(train_db, tmp_path):
-    from retro_platform.evaluate import run_evaluation
+    from retro_platform.commands.evaluate import run_evaluation
 
     audits = {}
     for kind, retrieval in (("retro", "true"), ("baseline", "false")):

@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import debug_config, synthetic_manifest
 
-from retro_platform.db import precompute
+from retro_platform.commands import query_neighbors
+from retro_platform.commands.query_neighbors import precompute_neighbors, write_neighbor_tables
+from retro_platform.db import neighbor_tables
 from retro_platform.db.chunk import read_chunks, tokens_array
 from retro_platform.db.files import save_npy_atomic, write_table_atomic
 from retro_platform.db.layout import DatabaseLayout
@@ -31,7 +33,7 @@ from retro_platform.db.manifest import (
     validate_database,
     write_manifest,
 )
-from retro_platform.db.precompute import NeighborTableReader, precompute_neighbors, write_neighbor_tables
+from retro_platform.db.neighbor_tables import NeighborTableReader
 from retro_platform.db.store import ChunkStore
 from retro_platform.db.tokenizer import load_tokenizer_file
 from retro_platform.errors import DatabaseError
@@ -111,7 +113,7 @@ def precomputed_db(debug_db, tmp_path_factory):
     shutil.copytree(config.db_path, work / "db")
     config = debug_config(work)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(precompute, "NEIGHBOR_ROWS_PER_GROUP", ROWS_PER_GROUP)
+        mp.setattr(query_neighbors, "NEIGHBOR_ROWS_PER_GROUP", ROWS_PER_GROUP)
         manifest = precompute_neighbors(config)
     return config, manifest
 
@@ -179,9 +181,9 @@ def mapped_rss(path) -> int:
 
 
 def test_store_unmaps_what_it_read_past_its_resident_budget(tmp_path):
-    """Random reads over a 5 MB token array: without a budget the mapped pages pile up in the process's
+    """Random reads over a 1.3 MB token array: without a budget the mapped pages pile up in the process's
     RSS (the kernel maps far more than the 256 bytes of a row); with one they stay under it."""
-    n, m = 20_000, 64
+    n, m = 5_000, 64
     layout = DatabaseLayout(tmp_path / "db")
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, 1000, size=(n, m), dtype=np.int32)
@@ -206,7 +208,7 @@ def test_store_unmaps_what_it_read_past_its_resident_budget(tmp_path):
     assert peak_mapped(unbounded) > 0.9 * tokens.nbytes and unbounded.releases == 0
     unbounded.release()  # unmapped, still in the page cache
     assert mapped_rss(tokens_file) == 0
-    budget = 1.0
+    budget = 0.25
     bounded = ChunkStore(layout.root, resident_budget_mb=budget)
     assert peak_mapped(bounded) <= budget * 2**20  # after every read
     assert bounded.releases > 0
@@ -280,7 +282,7 @@ def test_query_neighbors_writes_sorted_shard_tables_with_checksums(precomputed_d
         live = pool.search(store.embeddings(sample), [np.array([d]) for d in store.doc_ids(sample)])
         np.testing.assert_array_equal(live.chunk_ids, reader.rows(sample)[:, : pool.k])
         # the tables are written by the actors, which send back only names, counts and checksums
-        monkeypatch.setattr(precompute, "NEIGHBOR_ROWS_PER_GROUP", ROWS_PER_GROUP)
+        monkeypatch.setattr(query_neighbors, "NEIGHBOR_ROWS_PER_GROUP", ROWS_PER_GROUP)
         records = write_neighbor_tables(config, pool, manifest, ["train", "valid"])
         assert [(r["split"], r["shard"]) for r in records] == [
             (split, s.shard) for split in ("train", "valid") for s in manifest.splits[split]
@@ -349,7 +351,7 @@ def test_single_file_table_of_an_older_run_is_read_by_row_group_or_refused(
         assert_same_batch(loaders[0].next_batch(), loaders[1].next_batch())
     assert new._table.legacy and new._table.row_group_reads > 0
     # row groups too big to hold: refused with what to do
-    monkeypatch.setattr(precompute, "LEGACY_MAX_GROUP_ROWS", 50)
+    monkeypatch.setattr(neighbor_tables, "LEGACY_MAX_GROUP_ROWS", 50)
     src = sources(config, ChunkStore, "train", k)
     with pytest.raises(DatabaseError, match="run `retro query-neighbors` again"):
         BatchLoader(src, 2, 0, 1, seed=3, mode="precomputed").next_batch()

@@ -1,4 +1,5 @@
-"""`retro add-docs`: add documents to a built database (a new shard) and to a running pool.
+"""Adding documents to a built database as a new shard (`retro add-docs`, the model service's
+``POST /v1/documents``); a caller with a running pool then calls ``pool.refresh`` with the new manifest.
 
 The documents go through the build's own stages, on the build's nodes: the given files (.jsonl,
 .parquet, folders of .txt/.md; read where the build's workers can see them, as a corpus is) are cut
@@ -41,7 +42,6 @@ from retro_platform.db.files import read_table
 from retro_platform.db.layout import DatabaseLayout, Location
 from retro_platform.db.manifest import IndexShard, Manifest, SplitShard, validate_database, write_manifest
 from retro_platform.errors import CorpusError
-from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.ray_utils import ray_session
 
 logger = logging.getLogger(__name__)
@@ -145,9 +145,9 @@ def rows_per_row_group(config: PlatformConfig, manifest: Manifest) -> int:
     return int(recorded or config.database.embed.rows_per_task)
 
 
-def add_documents(config: PlatformConfig, files: list[str], pool: NeighborPool | None = None) -> Manifest:
-    """Add the documents of ``files`` as a new shard; a given ``pool`` starts serving it at once -> the
-    database's new manifest."""
+def add_documents(config: PlatformConfig, files: list[str]) -> Manifest:
+    """Add the documents of ``files`` as a new shard -> the database's new manifest (its last index shard
+    is the new one: ``NeighborPool.refresh(config, manifest)`` starts serving it)."""
     with ray_session(config):
         manifest = validate_database(config.db_path)
         layout = DatabaseLayout(config.db_path)
@@ -157,8 +157,6 @@ def add_documents(config: PlatformConfig, files: list[str], pool: NeighborPool |
             manifest = _add(config, manifest, layout, files, staging)
         finally:
             storage.delete_tree(staging)
-        if pool is not None:
-            pool.refresh(config, manifest)
         return manifest
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from retro_platform.db.precompute import NeighborTableReader
+from retro_platform.db.neighbor_tables import NeighborTableReader
 from retro_platform.db.store import ChunkStore, first_allowed, neighbor_tokens
 from retro_platform.errors import DatabaseError
 from retro_platform.neighbors.pool import NeighborPool

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from conftest import debug_config
 
-from retro_platform.db.build import build_database
+from retro_platform.commands.build_db import build_database
 from retro_platform.db.manifest import load_manifest, validate_database
 from retro_platform.errors import DatabaseError
 

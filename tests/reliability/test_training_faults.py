@@ -19,10 +19,10 @@ import pytest
 import ray
 from conftest import debug_config
 
-from retro_platform.db.precompute import precompute_neighbors
+from retro_platform.commands.query_neighbors import precompute_neighbors
+from retro_platform.commands.train import run_training
 from retro_platform.db.store import ChunkStore
 from retro_platform.neighbors.pool import NeighborPool
-from retro_platform.train.trainer import run_training
 
 
 def registered_checkpoint_step(storage: Path) -> int:

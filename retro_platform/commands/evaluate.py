@@ -130,7 +130,7 @@ def run_evaluation(
         location = find_checkpoint(config, checkpoint)
         check_compatible(config, location, manifest)  # refused here, before a task loads the weights
         if config.train.neighbor_mode == "online" and pool is None:
-            pool = session.start_pool(manifest)
+            pool = session.own(NeighborPool.start(config, manifest))
         task = ray.remote(score_checkpoint).options(name="retro.eval", **evaluation_task_options(config))
         try:
             result = ray.get(task.remote(config, str(location), pool, by_overlap))

@@ -101,7 +101,7 @@ def run_training(
             )
         online = config.model.retrieval and config.train.neighbor_mode == "online"
         if online and pool is None:
-            pool = session.start_pool(manifest, config)
+            pool = session.own(NeighborPool.start(config, manifest))
         with tracking.training_run(config, manifest, resume_run_id) as run:
             counts = {**parameter_counts(config), **retrofit_params}
             logger.info(

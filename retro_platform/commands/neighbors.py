@@ -51,7 +51,7 @@ def show_neighbors(
     with ray_session(config) as session:
         # every file checked: a damaged shard is refused here, naming it, not half-loaded by an actor
         manifest = validate_database(config.db_path)
-        pool = session.start_pool(manifest)
+        pool = session.own(NeighborPool.start(config, manifest))
         query_text, result, texts = find_neighbors(config, pool, chunk_id, text, k)
         label = f"chunk {chunk_id}" if chunk_id is not None else "text"
         print(f"query ({label}): {query_text!r}\n")

@@ -25,16 +25,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from retro_platform import storage
-from retro_platform.compare import compare_experiment
+from retro_platform.commands.build_db import build_database
+from retro_platform.commands.compare import compare_experiment
+from retro_platform.commands.evaluate import run_evaluation
+from retro_platform.commands.train import run_training
 from retro_platform.config import CorpusConfig, PlatformConfig
-from retro_platform.db.build import build_database
 from retro_platform.db.corpus import MIRROR_SUFFIX, WIKIPEDIA, corpus_files, iter_documents
 from retro_platform.errors import ConfigError, CorpusError, DatabaseError
-from retro_platform.evaluate import run_evaluation
 from retro_platform.generation import complete
 from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.ray_utils import ray_session
-from retro_platform.train.trainer import run_training
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
         before, _ = complete(updated, model, pool, prompt, prompt_ids=ids[:m])
         new_docs = copy.parent / "article.jsonl"
         new_docs.write_text(json.dumps(doc) + "\n")
-        add_documents(updated, [str(new_docs)], pool=pool)
+        pool.refresh(updated, add_documents(updated, [str(new_docs)]))
         after, used = complete(updated, model, pool, prompt, prompt_ids=ids[:m])
         windows = prompt_windows(updated, model, pool, tokenizer, ids[:m])
     finally:
@@ -402,7 +402,7 @@ def run_demo(config: PlatformConfig, prompt: str = DEMO_PROMPT) -> dict:
                 "chunks have an exact twin to retrieve; this shows the model reading its neighbours"
             )
         check_built_database(config, manifest, prompt)
-        pool = session.start_pool(manifest)
+        pool = session.own(NeighborPool.start(config, manifest))
         comparison = f"{config.train.name}-{manifest.db_id}"
         trained, scores = {}, {}
         for step, kind in ((2, "retro"), (3, "baseline")):
