@@ -454,6 +454,9 @@ class ServeConfig:
     """Largest request body (bytes)."""
     request_timeout_s: float = 120.0
     """The HTTP proxy's timeout per request."""
+    stream_interval_ms: float = 20.0
+    """A streamed completion sends its new tokens at most this often (one server-sent event per interval
+    holds every token generated meanwhile; 0 sends each step's tokens as their own event)."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port (1-65535)")
@@ -467,6 +470,7 @@ class ServeConfig:
         _check(self.max_prompt_chars >= 1, "serve.max_prompt_chars", "must be >= 1")
         _check(self.max_body_bytes >= 1024, "serve.max_body_bytes", "must be >= 1024")
         _check(self.route_prefix.startswith("/"), "serve.route_prefix", "must start with /")
+        _check(self.stream_interval_ms >= 0, "serve.stream_interval_ms", "must be >= 0 (milliseconds)")
 
 
 @dataclass

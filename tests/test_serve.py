@@ -134,6 +134,8 @@ def test_greedy_completion_equals_retro_generate_and_reports_the_neighbours_read
 
 
 def test_streaming_yields_the_tokens_of_the_plain_completion(service):
+    """The streamed tokens concatenate to the plain completion; they arrive in several events (each
+    holds what was generated within ``serve.stream_interval_ms``), the first well before the end."""
     _, url, _ = service
     plain = completion(url, seed=3, temperature=0.8, top_k=20)
     events = stream_events(
@@ -141,7 +143,7 @@ def test_streaming_yields_the_tokens_of_the_plain_completion(service):
         {"prompt": PROMPT, "max_tokens": 24, "seed": 3, "temperature": 0.8, "top_k": 20},
     )
     tokens = [e for e in events if "token" in e]
-    assert events[-1]["done"] and len(tokens) >= 20
+    assert events[-1]["done"] and len(tokens) >= 2
     assert "".join(e["token"] for e in tokens) == events[-1]["text"] == plain["text"]
     assert sum(len(e["ids"]) for e in tokens) == 24
     assert any("chunk" in e for e in events)  # neighbours arrive as their chunk is read

@@ -1,17 +1,17 @@
 """`retro serve`: a trained RETRO on Ray Serve, reading the platform's live neighbour pool.
 
-Three deployments composed with ``DeploymentHandle``s (``build_app``):
+Two deployments composed with a ``DeploymentHandle`` (``build_app``):
 
-- ``Generator`` (autoscaled, ``serve.min_replicas``..``serve.max_replicas``, target
+- ``Generator`` (the FastAPI ingress: the HTTP API of ``api.py`` and the page at ``/``; autoscaled, ``serve.min_replicas``..``serve.max_replicas``, target
   ``serve.target_ongoing_requests``): the model (a checkpoint directory or an MLflow model URI), the
   database's tokenizer and encoder, and a client of the neighbour pool (the same shard actors,
   attached by name, and the same code path as training and `retro generate`). Concurrent requests are
   stepped together in one forward pass per token (``engine.Engine``), one pool query per step for
-  every chunk that completed; same-document exclusion is off (free text has no document).
+  every chunk that completed; same-document exclusion is off (free text has no document). A streamed
+  completion sends the tokens generated within ``serve.stream_interval_ms`` as one server-sent event.
 - ``Documents`` (one replica): ``POST /v1/documents`` runs the `retro add-docs` stage on the posted
   documents (same validation), so they are durable in the database; every generator replica sees the
   new shard at its next request (it compares the manifest's revision and attaches the new actors).
-- ``Frontend`` (FastAPI ingress): the HTTP API (``api.py``) and the page at ``/``.
 
 Errors a request can cause are 4xx with ``{"error": "<field>: <what to change>"}``; nothing a request
 sends ends a replica.
@@ -114,24 +114,71 @@ async def drain(events: asyncio.Queue) -> list[dict]:
     return out
 
 
-def coalesced(events: list[dict]) -> list[dict]:
-    """Events with each run of consecutive token events merged into one (fewer, larger stream items
-    when the client reads slower than the replica generates)."""
-    out: list[dict] = []
-    for event in events:
-        if "token" in event and out and "token" in out[-1] and "done" not in out[-1]:
-            out[-1] = {"token": out[-1]["token"] + event["token"], "ids": out[-1]["ids"] + event["ids"]}
-        else:
-            out.append(event)
-    return out
+def is_final(event: dict) -> bool:
+    """Whether an event ends its completion."""
+    return "done" in event or "error" in event
+
+
+api = FastAPI(title="RETRO", docs_url="/docs", redoc_url=None)
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """A one-line JSON error."""
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def sse(event: dict) -> str:
+    """One server-sent event line."""
+    return f"data: {json.dumps(event)}\n\n"
 
 
 # ---- deployments -------------------------------------------------------------------------------------
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=5, graceful_shutdown_timeout_s=5)
-class Generator:
-    """The model, the tokenizer, the encoder and a pool client; completions batched per step."""
+@serve.deployment(num_replicas=1, max_ongoing_requests=4, health_check_period_s=5)
+class Documents:
+    """Adds posted documents to the database with the `retro add-docs` stage, one request at a time."""
 
-    def __init__(self, config: dict, source: str | None):
+    def __init__(self, config: dict):
+        self.config = PlatformConfig.from_dict(config)
+        self.uploads = Path(self.config.work_dir) / "serve-uploads"
+        self._lock = asyncio.Lock()
+
+    def _add(self, documents: list[dict]) -> dict:
+        from retro_platform.db.add_docs import add_documents
+        from retro_platform.errors import RetroError
+
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        path = self.uploads / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl"
+        path.write_text(
+            "".join(json.dumps({k: v for k, v in d.items() if v is not None}) + "\n" for d in documents)
+        )
+        try:
+            manifest = add_documents(self.config, [str(path)])
+        except RetroError as exc:
+            return {"error": f"documents: {str(exc).splitlines()[0]}", "status": 422}
+        finally:
+            path.unlink(missing_ok=True)
+        return {
+            "added": len(documents),
+            "ids": [d["id"] for d in documents],
+            "revision": manifest.revision,
+            "db_id": manifest.db_id,
+            "chunks": sum(manifest.counts.chunks.values()),
+        }
+
+    async def add(self, documents: list[dict]) -> dict:
+        """Add documents (validated by the stage like `retro add-docs` input) -> what changed."""
+        async with self._lock:
+            return await asyncio.to_thread(self._add, documents)
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=5, graceful_shutdown_timeout_s=5)
+@serve.ingress(api)
+class Generator:
+    """The HTTP API and page, the model, the tokenizer, the encoder and a pool client; completions
+    batched per step. Being the ingress itself, a streamed token crosses one process (this replica) on
+    its way to the HTTP proxy, not two."""
+
+    def __init__(self, config: dict, source: str | None, documents: DeploymentHandle):
         from retro_platform.db.store import ChunkStore
         from retro_platform.db.tokenizer import load_tokenizer_file
         from retro_platform.neighbors.pool import NeighborPool
@@ -161,6 +208,13 @@ class Generator:
             eos_id=self.tokenizer.token_to_id("<eod>"),
             executor=self.torch_thread,
         )
+        self.documents = documents
+        self.limits = {
+            "max_tokens": serve_cfg.max_tokens,
+            "max_prompt_chars": serve_cfg.max_prompt_chars,
+            "max_body_bytes": serve_cfg.max_body_bytes,
+        }
+        self.stream_interval_s = serve_cfg.stream_interval_ms / 1000
         self.replica = os.getpid()
         logger.info("generator replica %d: %s on %s", self.replica, self.source, self.device)
 
@@ -251,47 +305,85 @@ class Generator:
             ignore_eos=request.ignore_eos,
         )
 
+    def _done(self, row) -> dict:
+        """The last event of a completion: its text, every chunk's neighbours and the usage figures."""
+        return {
+            "done": True,
+            "text": self.tokenizer.decode(row.new_ids),
+            "chunks": row.chunks,
+            "usage": {
+                "prompt_tokens": len(row.prompt_ids),
+                "completion_tokens": len(row.new_ids),
+                "first_token_s": row.first_token_s,
+                "retrieval_s": row.retrieval_s,
+                "retrieved_chunks": len(row.chunks),
+                "total_s": time.perf_counter() - row.started,
+            },
+            "replica": self.replica,
+        }
+
+    async def _start(self, body: dict):
+        """A validated request queued on the engine -> its row."""
+        row = self._row(body)
+        await asyncio.to_thread(self.refresh)
+        self.engine.submit(row)
+        return row
+
     async def stream(self, body: dict):
-        """Events of one completion: {"token", "ids"} per step, {"chunk"} per retrieving chunk, then
+        """Events of one completion: {"token", "ids"} (every token generated within one stream
+        interval, decoded here rather than on the torch thread), {"chunk"} per retrieving chunk, then
         {"done", "text", "chunks", "usage"}; a refused request yields one {"error", "status"}."""
         try:
-            row = self._row(body)
+            row = await self._start(body)
         except RequestError as exc:
             yield {"error": exc.message, "status": exc.status}
             return
-        await asyncio.to_thread(self.refresh)
-        self.engine.submit(row)
+        ids: list[int] = []
+        text = ""
+        last = 0.0
         while True:
-            for event in coalesced(await drain(row.events)):
+            batch = await drain(row.events)
+            wait = last + self.stream_interval_s - time.perf_counter()
+            if wait > 0 and not any(is_final(e) for e in batch):
+                await asyncio.sleep(wait)  # let more tokens arrive: fewer, larger events
+                while not row.events.empty():
+                    batch.append(row.events.get_nowait())
+            last = time.perf_counter()
+            pending: list[int] = []
+            for event in batch + [{}]:
+                if "ids" in event:
+                    pending += event["ids"]
+                    continue
+                if pending or "done" in event:
+                    ids += pending
+                    # a character whose bytes are not all generated yet decodes as U+FFFD: hold it back
+                    decoded = self.tokenizer.decode(ids)
+                    current = decoded if "done" in event else decoded.rstrip("\ufffd")
+                    delta = current[len(text) :] if current.startswith(text) else ""
+                    if pending or delta:
+                        yield {"token": delta, "ids": pending}
+                    text += delta
+                    pending = []
                 if "done" in event:
-                    final = self.tokenizer.decode(row.new_ids)
-                    if final != row.text:  # what was held back (an unfinished character at the end)
-                        yield {"token": final[len(row.text) :], "ids": []}
-                    yield {
-                        "done": True,
-                        "text": final,
-                        "chunks": row.chunks,
-                        "usage": {
-                            "prompt_tokens": len(row.prompt_ids),
-                            "completion_tokens": len(row.new_ids),
-                            "first_token_s": row.first_token_s,
-                            "retrieval_s": row.retrieval_s,
-                            "retrieved_chunks": len(row.chunks),
-                            "total_s": time.perf_counter() - row.started,
-                        },
-                        "replica": self.replica,
-                    }
+                    yield self._done(row)
                     return
-                yield event
+                if event:
+                    yield event
                 if "error" in event:
                     return
 
     async def complete(self, body: dict) -> dict:
-        """One completion as a dict (the last event of ``stream``, or an error)."""
-        async for event in self.stream(body):
-            if "error" in event or "done" in event:
-                return event  # the done event carries every chunk's neighbours
-        return {"error": "generation ended without a result", "status": 500}
+        """One completion as a dict (the done event, or an error)."""
+        try:
+            row = await self._start(body)
+        except RequestError as exc:
+            return {"error": exc.message, "status": exc.status}
+        while True:
+            for event in await drain(row.events):
+                if "error" in event:
+                    return event
+                if "done" in event:
+                    return self._done(row)
 
     async def neighbors(self, text: str, k: int | None) -> dict:
         """The pool's neighbours of a text (its first chunk's tokens align the windows)."""
@@ -334,73 +426,7 @@ class Generator:
             },
         }
 
-    def check_health(self) -> None:
-        """Ray Serve's health check: the replica is healthy while its model is loaded."""
-        if self.model is None:
-            raise RuntimeError("model not loaded")
-
-
-@serve.deployment(num_replicas=1, max_ongoing_requests=4, health_check_period_s=5)
-class Documents:
-    """Adds posted documents to the database with the `retro add-docs` stage, one request at a time."""
-
-    def __init__(self, config: dict):
-        self.config = PlatformConfig.from_dict(config)
-        self.uploads = Path(self.config.work_dir) / "serve-uploads"
-        self._lock = asyncio.Lock()
-
-    def _add(self, documents: list[dict]) -> dict:
-        from retro_platform.db.add_docs import add_documents
-        from retro_platform.errors import RetroError
-
-        self.uploads.mkdir(parents=True, exist_ok=True)
-        path = self.uploads / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl"
-        path.write_text(
-            "".join(json.dumps({k: v for k, v in d.items() if v is not None}) + "\n" for d in documents)
-        )
-        try:
-            manifest = add_documents(self.config, [str(path)])
-        except RetroError as exc:
-            return {"error": f"documents: {str(exc).splitlines()[0]}", "status": 422}
-        finally:
-            path.unlink(missing_ok=True)
-        return {
-            "added": len(documents),
-            "ids": [d["id"] for d in documents],
-            "revision": manifest.revision,
-            "db_id": manifest.db_id,
-            "chunks": sum(manifest.counts.chunks.values()),
-        }
-
-    async def add(self, documents: list[dict]) -> dict:
-        """Add documents (validated by the stage like `retro add-docs` input) -> what changed."""
-        async with self._lock:
-            return await asyncio.to_thread(self._add, documents)
-
-
-api = FastAPI(title="RETRO", docs_url="/docs", redoc_url=None)
-
-
-def error_response(status: int, message: str) -> JSONResponse:
-    """A one-line JSON error."""
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def sse(event: dict) -> str:
-    """One server-sent event line."""
-    return f"data: {json.dumps(event)}\n\n"
-
-
-@serve.deployment(max_ongoing_requests=256)
-@serve.ingress(api)
-class Frontend:
-    """HTTP API and page; validates requests before they reach a generator replica."""
-
-    def __init__(self, generator: DeploymentHandle, documents: DeploymentHandle, limits: dict):
-        self.generator = generator
-        self.documents = documents
-        self.limits = limits
-
+    # -- HTTP ---------------------------------------------------------------------------------------
     async def _body(self, request: Request, model):
         raw = await request.body()
         return parse_body(raw, model, self.limits["max_body_bytes"])
@@ -416,14 +442,14 @@ class Frontend:
         return {"status": "ok"}
 
     @api.get("/v1/info")
-    async def info(self) -> dict:
+    async def info_route(self) -> dict:
         """Model, database version and size, replicas (of the replica that answers)."""
-        info = await self.generator.info.remote()
+        info = await self.info()
         info["limits"] = self.limits
         return info
 
     @api.get("/v1/neighbors")
-    async def neighbors(self, request: Request):
+    async def neighbors_route(self, request: Request):
         """The neighbours of ``?text=...`` (``&k=`` optional)."""
         unknown = sorted(set(request.query_params) - {"text", "k"})
         if unknown:
@@ -438,7 +464,7 @@ class Frontend:
         k = request.query_params.get("k")
         if k is not None and (not k.isdigit() or not 1 <= int(k) <= 64):
             return error_response(422, "k: must be an integer from 1 to 64")
-        result = await self.generator.neighbors.remote(text, int(k) if k else None)
+        result = await self.neighbors(text, int(k) if k else None)
         if "error" in result:
             return error_response(result["status"], result["error"])
         return result
@@ -453,11 +479,11 @@ class Frontend:
             return error_response(exc.status, exc.message)
         payload = body.model_dump()
         if not body.stream:
-            result = await self.generator.complete.remote(payload)
+            result = await self.complete(payload)
             if "error" in result:
                 return error_response(result.get("status", 500), result["error"])
             return result
-        events = self.generator.options(stream=True).stream.remote(payload)
+        events = self.stream(payload)
         first = await events.__anext__()
         if "error" in first:
             return error_response(first.get("status", 500), first["error"])
@@ -484,11 +510,17 @@ class Frontend:
             return error_response(result.get("status", 500), result["error"])
         return result
 
+    def check_health(self) -> None:
+        """Ray Serve's health check: the replica is healthy while its model is loaded."""
+        if self.model is None:
+            raise RuntimeError("model not loaded")
+
 
 def build_app(config: PlatformConfig, source: str | None = None):
     """The Ray Serve application of ``config`` serving ``source`` (see ``model_directory``)."""
     serve_cfg = config.serve
     values = config.to_dict()
+    documents = Documents.options(ray_actor_options={"num_cpus": 0.1}).bind(values)
     generator = Generator.options(
         autoscaling_config={
             "min_replicas": serve_cfg.min_replicas,
@@ -502,14 +534,8 @@ def build_app(config: PlatformConfig, source: str | None = None):
             "num_cpus": serve_cfg.cpus_per_replica,
             "num_gpus": serve_cfg.gpus_per_replica,
         },
-    ).bind(values, source)
-    documents = Documents.options(ray_actor_options={"num_cpus": 0.1}).bind(values)
-    limits = {
-        "max_tokens": serve_cfg.max_tokens,
-        "max_prompt_chars": serve_cfg.max_prompt_chars,
-        "max_body_bytes": serve_cfg.max_body_bytes,
-    }
-    return Frontend.options(ray_actor_options={"num_cpus": 0.1}).bind(generator, documents, limits)
+    ).bind(values, source, documents)
+    return generator
 
 
 def app_builder(args: dict) -> Any:

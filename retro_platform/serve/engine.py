@@ -4,7 +4,8 @@ A request becomes a ``Row``: its prompt ids, sampling settings, a seeded generat
 of events. One loop per replica (``Engine.run``) admits waiting rows (up to ``max_batch_size`` active),
 asks the pool once per step for the neighbours of every chunk that rows completed (one embedding call
 and one pool query for all of them), advances every active row by one token in one batched forward
-pass (``retro_model.generate.BatchGenerator``), and puts each row's new text on its queue. The loop runs
+pass (``retro_model.generate.BatchGenerator``), and puts each row's new token ids on its queue
+(the request side decodes them, once per stream interval, off the torch thread). The loop runs
 on the replica's one torch thread, so the replica keeps answering health checks and new requests, and
 relaying tokens, meanwhile.
 
@@ -50,7 +51,7 @@ class Row:
     ignore_eos: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     new_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    """Generated ids (appended by the engine's thread)."""
     chunks: list[dict[str, Any]] = field(default_factory=list)
     """Per retrieving chunk: its text and the neighbours read."""
     started: float = field(default_factory=time.perf_counter)
@@ -131,13 +132,25 @@ class Engine:
             self.active.append((row, loop))
 
     @staticmethod
-    def _publish(row: Row, loop: asyncio.AbstractEventLoop, event: dict[str, Any]) -> None:
-        """Hand an event to the request's queue on its event loop."""
-        loop.call_soon_threadsafe(row.events.put_nowait, event)
+    def _deliver(items: list[tuple[Row, dict[str, Any]]]) -> None:
+        """Put events on their rows' queues (runs on the rows' event loop)."""
+        for row, event in items:
+            row.events.put_nowait(event)
+
+    def _publish(
+        self, outbox: dict, row: Row, loop: asyncio.AbstractEventLoop, event: dict[str, Any]
+    ) -> None:
+        """Collect an event for the request's event loop (``_flush`` hands a step's events over at once)."""
+        outbox.setdefault(loop, []).append((row, event))
+
+    def _flush(self, outbox: dict) -> None:
+        """Hand every collected event to its event loop: one wake-up per loop and step, not per row."""
+        for loop, items in outbox.items():
+            loop.call_soon_threadsafe(self._deliver, items)
 
     def run(self) -> None:
         """Admit, step, publish (on the engine's thread); until no row is active or waiting (the next
-        ``submit`` starts it again)."""
+        ``submit`` starts it again). Rows get token ids; the request side decodes them (off this thread)."""
         while True:
             self._admit()
             if not self.active:
@@ -146,6 +159,7 @@ class Engine:
                         self._running = False
                         return
                 continue
+            outbox: dict = {}
             try:
                 with torch.inference_mode():
                     produced = self.generator.step()
@@ -153,8 +167,9 @@ class Engine:
                 logger.exception("generation step failed")
                 for row, loop in self.active:
                     self.generator.remove(row.handle)
-                    self._publish(row, loop, {"error": f"generation failed: {exc}"})
+                    self._publish(outbox, row, loop, {"error": f"generation failed: {exc}"})
                 self.active = []
+                self._flush(outbox)
                 continue
             self.steps += 1
             self.batched_rows += len(self.active)
@@ -166,20 +181,17 @@ class Engine:
                     row.retrieval_s += lookup_s
                 for read in reads:
                     row.chunks.append(read)
-                    self._publish(row, loop, {"chunk": read})
+                    self._publish(outbox, row, loop, {"chunk": read})
                 ids = produced.get(row.handle, [])
                 if ids:
                     if row.first_token_s is None:
                         row.first_token_s = time.perf_counter() - row.started
                     row.new_ids.extend(ids)
-                    # a character whose bytes are not all generated yet decodes as U+FFFD: hold it back
-                    text = self.tokenizer.decode(row.new_ids).rstrip("\ufffd")
-                    delta = text[len(row.text) :] if text.startswith(row.text) else ""
-                    row.text += delta
-                    self._publish(row, loop, {"token": delta, "ids": ids})
+                    self._publish(outbox, row, loop, {"ids": ids})
                 if self.generator.finished(row.handle):
                     self.generator.remove(row.handle)
-                    self._publish(row, loop, {"done": True})
+                    self._publish(outbox, row, loop, {"done": True})
                 else:
                     still.append((row, loop))
             self.active = still
+            self._flush(outbox)
