@@ -454,7 +454,7 @@ class ServeConfig:
     """Largest request body (bytes)."""
     request_timeout_s: float = 120.0
     """The HTTP proxy's timeout per request."""
-    stream_interval_ms: float = 20.0
+    stream_interval_ms: float = 50.0
     """A streamed completion sends its new tokens at most this often (one server-sent event per interval
     holds every token generated meanwhile; 0 sends each step's tokens as their own event)."""
 
