@@ -73,7 +73,10 @@ def bucket_counts(config: PlatformConfig, pieces: list[Piece]) -> dict[str, int]
         dim = encoder_dimension(config.database.embed.model)
         shards = derived_num_shards(config, corpus_bytes(pieces), dim)
         logger.info(
-            "database.num_shards: %d (pool.memory_gb_per_actor=%s)", shards, config.pool.memory_gb_per_actor
+            "database.num_shards: %d (pool.memory_gb_per_actor=%s, database.build_memory_gb=%s)",
+            shards,
+            config.pool.memory_gb_per_actor,
+            config.database.build_memory_gb,
         )
     return {"train": shards, "valid": max(1, math.ceil(shards / 4))}
 
