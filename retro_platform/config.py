@@ -272,7 +272,8 @@ class DatabaseConfig:
         _check(self.chunk_len >= 1, "database.chunk_len", "must be >= 1")
         _check(self.num_shards is None or self.num_shards >= 1, "database.num_shards", "must be >= 1 or null")
         _check(
-            isinstance(self.build_memory_gb, (int, float)) and self.build_memory_gb >= 2 * BUILD_WORKER_FLOOR_GB,
+            isinstance(self.build_memory_gb, (int, float))
+            and self.build_memory_gb >= 2 * BUILD_WORKER_FLOOR_GB,
             "database.build_memory_gb",
             f"must be a number of GB >= {2 * BUILD_WORKER_FLOOR_GB} (a build worker needs "
             f"~{BUILD_WORKER_FLOOR_GB} GB before its shard), got {self.build_memory_gb!r}",

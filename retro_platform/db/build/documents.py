@@ -33,7 +33,7 @@ import ray
 from retro_platform import storage
 from retro_platform.config import PlatformConfig
 from retro_platform.db.build.sizing import corpus_bytes, derived_num_shards
-from retro_platform.db.build.tasks import RETRY_OPTIONS, build_resources, run_tasks
+from retro_platform.db.build.tasks import build_resources, retrying, run_tasks
 from retro_platform.db.corpus import (
     MIRROR_SUFFIX,
     Piece,
@@ -157,7 +157,7 @@ def read_record(location: str) -> dict[str, Any] | None:
     try:
         if not storage.exists(location):
             return None
-        metadata = parquet_file(location).schema_arrow.metadata or {}
+        metadata = parquet_file(location).metadata.metadata or {}
         return json.loads(metadata[RECORD_KEY]) if RECORD_KEY in metadata else None
     except (OSError, ValueError, KeyError, pa.ArrowInvalid):
         return None
@@ -487,7 +487,7 @@ def stage_documents(config: PlatformConfig, staging: str, pieces: list[Piece] | 
     items = [{"piece": p.index} for p in pieces]
     stats = (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map(parse, num_cpus=0.5, resources=resources, **RETRY_OPTIONS)
+        .map(retrying(parse, in_place=True), num_cpus=0.5, resources=resources)
         .take_all()
     )
     stats.sort(key=lambda r: r["piece"])

@@ -35,22 +35,28 @@ PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, No
 """OSErrors that another attempt will not fix: retried without the pause (Ray cannot exclude them)."""
 
 RETRY_OPTIONS: dict[str, Any] = {"max_retries": TASK_RETRIES, "retry_exceptions": [OSError]}
-"""Ray options of every build task (also given to the build's Ray Data maps)."""
+"""Ray options of every build task."""
 
 
-def retrying(function: Callable[..., Any]) -> Callable[..., Any]:
+def retrying(function: Callable[..., Any], in_place: bool = False) -> Callable[..., Any]:
     """``function`` for a build task: a transient OSError is logged and raised after a pause, so the
-    attempt Ray makes next comes after the hiccup rather than into it."""
+    attempt Ray makes next comes after the hiccup rather than into it. With ``in_place`` (a Ray Data
+    map, whose tasks Ray Data does not retry on application errors) the call itself is repeated, up to
+    ``TASK_RETRIES`` more times, a permanent OSError not."""
 
     @functools.wraps(function)
     def attempt(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return function(*args, **kwargs)
-        except OSError as exc:
-            if not isinstance(exc, PERMANENT_OS_ERRORS):
-                logger.warning("%s failed (%s: %s); retried", function.__name__, type(exc).__name__, exc)
-                time.sleep(RETRY_PAUSE_SECONDS)
-            raise
+        for tries in range(TASK_RETRIES + 1):
+            try:
+                return function(*args, **kwargs)
+            except OSError as exc:
+                permanent = isinstance(exc, PERMANENT_OS_ERRORS)
+                if not permanent:
+                    logger.warning("%s failed (%s: %s); retried", function.__name__, type(exc).__name__, exc)
+                    time.sleep(RETRY_PAUSE_SECONDS)
+                if not in_place or permanent or tries == TASK_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     return attempt
 
