@@ -34,6 +34,12 @@ from retro_platform.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
 
+FILL_BLOCK = 8192
+"""Most vectors per FAISS ``add`` call when the batching does not change the index (``fill_block``)."""
+
+SAMPLE_READ_ROWS = 8192
+"""Sampled rows read per call by the training task."""
+
 
 def index_resources(config: PlatformConfig) -> dict[str, float] | None:
     """What the index tasks ask for besides CPUs: with ``database.index.use_gpu`` they need a GPU, so they
@@ -80,15 +86,32 @@ def train_task(
         return write_index_atomic(empty, out)
     rng = np.random.default_rng(0)
     total = sum(sizes)
-    parts = []
-    for path, n in zip(embedding_files, sizes, strict=True):
+    picks = []
+    for n in sizes:
         take = min(n, max(1, round(sample * n / total)))
-        rows = np.sort(rng.choice(n, size=take, replace=False))
+        picks.append(np.sort(rng.choice(n, size=take, replace=False)))
+    # one float32 array for the whole sample, filled a few thousand rows at a time (no per-shard copies)
+    vectors = np.empty((sum(len(rows) for rows in picks), dim), np.float32)
+    at = 0
+    for path, rows in zip(embedding_files, picks, strict=True):
         with NpyReader(path) as reader:
-            parts.append(np.asarray(reader.take(rows), dtype=np.float32))
-    sample_vectors = np.concatenate(parts)
-    del parts
-    return write_index_atomic(train_index(factory, sample_vectors, use_gpu=use_gpu), out)
+            for start in range(0, len(rows), SAMPLE_READ_ROWS):
+                part = rows[start : start + SAMPLE_READ_ROWS]
+                vectors[at : at + len(part)] = reader.take(part)
+                at += len(part)
+    del picks
+    return write_index_atomic(train_index(factory, vectors, use_gpu=use_gpu), out)
+
+
+def fill_block(index: faiss.Index, add_block: int) -> int:
+    """Vectors per ``add`` call when filling ``index``: ``add_block``, or at most ``FILL_BLOCK`` for an index
+    whose content does not depend on how adds are batched (all but HNSW graphs, which order a call's
+    vertices by level): FAISS's add of an IVF-PQ batch takes ~10 KB of scratch per vector."""
+    typed = faiss.downcast_index(index)
+    while isinstance(typed, (faiss.IndexRefine, faiss.IndexPreTransform)):
+        inner = typed.base_index if isinstance(typed, faiss.IndexRefine) else typed.index
+        typed = faiss.downcast_index(inner)
+    return add_block if isinstance(typed, faiss.IndexHNSW) else min(add_block, FILL_BLOCK)
 
 
 def fill_task(
@@ -108,7 +131,7 @@ def fill_task(
     chunk-store row group at a time; the index being filled is the only state that grows with the shard."""
     trained = read_index(trained_file)
     with NpyReader(embeddings_file) as vectors, _omp_threads(1 if single_thread else None):
-        index = fill_index(trained, vectors, add_block, use_gpu)
+        index = fill_index(trained, vectors, fill_block(trained, add_block), use_gpu)
     del trained
     checksums = {"index": write_index_atomic(index, outs["index"])}
     del index
