@@ -2,7 +2,16 @@
 
     nice -n 10 .venv/bin/python benchmarks/build_scale.py [--sizes 10000,100000,1000000]
         [--chunks-per-shard 5000] [--piece-mb 1] [--index Flat] [--json out.json]
+    nice -n 10 .venv/bin/python benchmarks/build_scale.py --shard-sizes 10000,100000,1000000
+        [--piece-mb 16] [--index IVF256,PQ16] [--json out.json]
     .venv/bin/python benchmarks/build_scale.py --report out.json     # reprint a saved run
+
+``--shard-sizes``: one database per size with ONE train shard of that many chunks (plus a valid shard
+of ~5% of it), so every build task handles a whole shard of that size: the largest build worker's
+peak RSS and the driver's peak RSS are compared with the smallest size's (targets: worker within
++300 MB, driver within +200 MB). The index is IVF-PQ (``--index``, default ``IVF256,PQ16``: 24 bytes
+per vector), because a Flat index of a 1M-chunk shard is 1.5 GB by itself; the index codes are the
+only per-shard state a streaming build worker holds.
 
 Not a timed test: a script that prints a table. For each size it writes a deterministic synthetic
 JSON Lines corpus (documents of ~3 chunks of Zipf-distributed pseudo-words; the small corpora are
@@ -42,6 +51,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -65,6 +75,8 @@ WORDS = (40, 200)
 """Words per document (uniform): ~3 chunks of 64 tokens on average."""
 DOC_BLOCK = 1000
 """Documents generated per random draw: corpora are prefixes of each other at multiples of it."""
+VALID_FRACTION = 0.05
+"""Share of the documents in the valid split."""
 STAGES = ("corpus", "tokenizer", "plan", "chunk", "embed", "index")
 """Stage times the build logs to MLflow (``<stage>_seconds``)."""
 WRAPPED = {
@@ -285,7 +297,7 @@ def run_one(target: int, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     corpus_bytes = write_corpus(corpus, n_docs)
     generate_seconds = time.perf_counter() - t0
-    shards = max(1, round(target / args.chunks_per_shard))
+    shards = args.num_shards or max(1, round(target / args.chunks_per_shard))
     overrides = [
         f"work_dir={tmp / 'work'}",
         "ray.num_cpus=2",
@@ -295,7 +307,7 @@ def run_one(target: int, args: argparse.Namespace) -> dict[str, Any]:
         f"database.num_shards={shards}",
         f"database.corpus.source={corpus}",
         "database.corpus.max_documents=null",
-        "database.corpus.valid_fraction=0.05",
+        f"database.corpus.valid_fraction={VALID_FRACTION}",
         f"database.corpus.piece_mb={args.piece_mb}",
         "database.tokenizer.vocab_size=8192",
         f"database.embed.model={STAND_IN_ENCODER}",
@@ -490,7 +502,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="target chunks per corpus")
     parser.add_argument("--chunks-per-shard", type=int, default=5000, help="chunks per train shard")
     parser.add_argument("--piece-mb", type=float, default=1.0, help="database.corpus.piece_mb")
-    parser.add_argument("--index", default="Flat", help="database.index.factory (Flat, or e.g. IVF1024,Flat)")
+    parser.add_argument(
+        "--index", default=None, help="database.index.factory (default Flat; IVF256,PQ16 with --shard-sizes)"
+    )
+    parser.add_argument(
+        "--shard-sizes",
+        default=None,
+        help="chunks per shard, e.g. 10000,100000,1000000: one train shard of each size (compares the "
+        "largest build worker's and the driver's peak RSS with the smallest size's)",
+    )
+    parser.add_argument("--num-shards", type=int, default=None, help=argparse.SUPPRESS)  # child: fixed
     parser.add_argument("--actors", type=int, default=2, help="encoder actors (0.5 CPU each)")
     parser.add_argument("--interval", type=float, default=0.5, help="RSS sampling period, seconds")
     parser.add_argument("--tmp", default=None, help="folder for the temporary corpora and databases")
@@ -505,12 +526,21 @@ def main() -> None:
     if args.one is not None:
         print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
         return
+    if args.index is None:
+        args.index = "IVF256,PQ16" if args.shard_sizes else "Flat"
     if args.report:
-        print_report(json.loads(Path(args.report).read_text()), args)
+        results = json.loads(Path(args.report).read_text())
+        print_report(results, args)
+        if results and results[0].get("shard_mode"):
+            print_shard_report(results)
         return
     results = []
-    for target in (int(s) for s in args.sizes.split(",")):
+    runs = [(int(s), None) for s in args.sizes.split(",")]
+    if args.shard_sizes:  # one train shard of each size; the valid split takes VALID_FRACTION more
+        runs = [(math.ceil(int(s) / (1 - VALID_FRACTION)), 1) for s in args.shard_sizes.split(",")]
+    for target, num_shards in runs:
         command = [sys.executable, __file__, "--one", str(target)]
+        command += ["--num-shards", str(num_shards)] if num_shards else []
         for flag in ("chunks_per_shard", "piece_mb", "index", "actors", "interval", "tmp"):
             value = getattr(args, flag)
             if value is not None:
@@ -523,6 +553,7 @@ def main() -> None:
             sys.exit(f"size {target} failed (exit {proc.returncode}); its log is above")
         results.append(json.loads(lines[-1][len("RESULT ") :]))
         r = results[-1]
+        r["shard_mode"] = bool(num_shards)
         logger.info(
             "size %d: %d chunks in %.1f s, driver peak %.0f MB, worker peak %.0f MB",
             target,
@@ -534,6 +565,58 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
     print_report(results, args)
+    if args.shard_sizes:
+        print_shard_report(results)
+
+
+def print_shard_report(results: list[dict[str, Any]]) -> None:
+    """Peak RSS of the largest build worker and of the driver per shard size, against the smallest."""
+    print(
+        "\nshard sizes: one train shard per build; embeddings from the benchmark STAND-IN encoder "
+        "(hashed byte 4-grams, not MiniLM: a 1M-chunk MiniLM encode takes hours here) through the "
+        "build's real embedding actors, Parquet/.npy writers and FAISS fill"
+    )
+    print(f"machine: {machine_line()}\n")
+    head = [
+        "train shard (chunks)",
+        "index",
+        "largest worker MB (task)",
+        "vs smallest",
+        "driver MB",
+        "vs smallest",
+    ]
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    base = results[0]
+    for r in results:
+        cells = [
+            f"{r['chunks_train']:,}",
+            r["index"],
+            f"{r['worker_peak_mb']:.0f} ({r['worker_peak_task'].removeprefix('ray::')})",
+            f"{r['worker_peak_mb'] - base['worker_peak_mb']:+.0f}",
+            f"{r['driver_peak_mb']:.0f}",
+            f"{r['driver_peak_mb'] - base['driver_peak_mb']:+.0f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    worker = max(r["worker_peak_mb"] for r in results) - base["worker_peak_mb"]
+    driver = max(r["driver_peak_mb"] for r in results) - base["driver_peak_mb"]
+    print(
+        f"largest worker {worker:+.0f} MB (target within +300 MB: {'met' if worker <= 300 else 'MISSED'}), "
+        f"driver {driver:+.0f} MB (target within +200 MB: {'met' if driver <= 200 else 'MISSED'})"
+    )
+
+
+def machine_line() -> str:
+    """CPU model and cores of this machine."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ _RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 """Resources Ray defines itself: never valid as a routing (custom) resource name."""
 
 
+BUILD_WORKER_FLOOR_GB = 0.5
+"""Memory a build worker takes before any shard data: Python, pyarrow, FAISS, tokenizer, one block."""
+
+
 def _check(condition: bool, setting: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config error in {setting}: {message}")
@@ -246,9 +250,15 @@ class DatabaseConfig:
     """Database folder (relative paths are resolved against the work directory)."""
     chunk_len: int = 64
     """Tokens per chunk m; must equal the model's chunk_len."""
-    num_shards: int | None = 2
-    """Shards of the training split (one index file and neighbour actor each); null: as many as
-    ``pool.memory_gb_per_actor`` needs for the estimated chunks (``db/build/sizing.py``)."""
+    num_shards: int | None = None
+    """Shards of the training split (one index file and neighbour actor each); null (the default): as
+    many as the estimated chunks need so that one shard fits both ``pool.memory_gb_per_actor`` (a
+    neighbour actor) and ``build_memory_gb`` (a build worker) (``db/build/sizing.py``)."""
+    # --- build memory (issue 23) ---
+    build_memory_gb: float = 4.0
+    """Memory one build task may use: with ``num_shards: null`` shards are made small enough that a
+    shard's index fill (its codes, the only per-shard state of a streaming build worker) fits in it
+    next to the worker's fixed floor (``BUILD_WORKER_FLOOR_GB``)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """Document source."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -261,6 +271,13 @@ class DatabaseConfig:
     def __post_init__(self) -> None:
         _check(self.chunk_len >= 1, "database.chunk_len", "must be >= 1")
         _check(self.num_shards is None or self.num_shards >= 1, "database.num_shards", "must be >= 1 or null")
+        _check(
+            isinstance(self.build_memory_gb, (int, float))
+            and self.build_memory_gb >= 2 * BUILD_WORKER_FLOOR_GB,
+            "database.build_memory_gb",
+            f"must be a number of GB >= {2 * BUILD_WORKER_FLOOR_GB} (a build worker needs "
+            f"~{BUILD_WORKER_FLOOR_GB} GB before its shard), got {self.build_memory_gb!r}",
+        )
 
 
 @dataclass

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from retro_platform import storage
 from retro_platform.config import PlatformConfig
 from retro_platform.db.build.chunks import count_bucket, write_shard
-from retro_platform.db.build.documents import _staged_path, stage_documents
+from retro_platform.db.build.documents import stage_documents, staged_tables
 from retro_platform.db.build.embeddings import embed_shards
 from retro_platform.db.build.indexing import fill_task, index_resources
 from retro_platform.db.build.tasks import build_resources, run_tasks
@@ -84,17 +84,16 @@ def reader_config(config: PlatformConfig, files: list[str]) -> PlatformConfig:
     return dataclasses.replace(config, database=dataclasses.replace(db, num_shards=1, corpus=corpus))
 
 
-def find_conflicts(chunks_file: str, staged_folder: str) -> dict[str, Any]:
+def find_conflicts(chunks_file: str, staging: str) -> dict[str, Any]:
     """One existing chunk-store shard against the staged new documents (a Ray task per shard): the new
     non-empty documents whose id is a ``doc_key`` of the shard -> {count, first: up to MAX_CONFLICTS
     [piece, row, where, id] in input order}."""
     keys = read_table(chunks_file, ["doc_key"]).column("doc_key").unique()
     found: list[list[Any]] = []
     count = 0
-    for name in sorted(storage.list_files(staged_folder)):
-        if not name.endswith(".parquet"):
-            continue
-        staged = read_table(storage.join(staged_folder, name), ["id", "where", "piece", "row", "rank"])
+    # the staged new documents: one bucket of one split (reader_config), one row group per piece file
+    columns = ["id", "where", "piece", "row", "rank"]
+    for staged in staged_tables(staging, STAGED_SPLIT, 0, {"train": 1, "valid": 1}, columns=columns):
         hits = staged.filter(
             pc.and_(pc.is_in(staged["id"], value_set=keys), pc.greater_equal(staged["rank"], 0))
         )
@@ -109,8 +108,7 @@ def check_new_ids(config: PlatformConfig, layout: DatabaseLayout, manifest: Mani
     """Refuse new documents whose id is already in the database: a task per existing shard checks the new
     ids against its ``doc_key`` column, so the existing ids never reach the driver."""
     shards = [(split, s.shard) for split, entries in manifest.splits.items() for s in entries]
-    folder = _staged_path(staging, STAGED_SPLIT, 0)
-    calls = [{"chunks_file": str(layout.chunks(split, n)), "staged_folder": folder} for split, n in shards]
+    calls = [{"chunks_file": str(layout.chunks(split, n)), "staging": staging} for split, n in shards]
     results = run_tasks("add_docs.ids", find_conflicts, calls, build_resources(config), num_cpus=0.5)
     conflicts = sorted(c for r in results for c in r["first"])
     if conflicts:

@@ -222,18 +222,32 @@ class ShardEmbedder(Embedder):
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Work items -> {out, sha256, rows}."""
-        from retro_platform.db.files import parquet_file, save_npy_atomic
+        """Work items -> {out, sha256, rows}.
+
+        Streams: one row group's texts and vectors at a time; the .npy is written as its header and
+        then each row group's vectors (byte-identical to ``np.save`` of the whole array)."""
+        import pyarrow as pa
+
+        from retro_platform.db.build.streams import write_npy_blocks
+        from retro_platform.db.files import parquet_file
 
         outs, checksums, rows = [], [], []
         for chunks, out in zip(batch["chunks"], batch["out"], strict=True):
             file = parquet_file(str(chunks))
-            vectors = [
-                self.encode(file.read_row_group(group, columns=["text"]).column("text").to_pylist())
-                for group in range(file.metadata.num_row_groups)
-            ]
-            array = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), self.out_dtype)
+            n = file.metadata.num_rows
+
+            def vectors(file=file):
+                for group in range(file.metadata.num_row_groups):
+                    texts = file.read_row_group(group, columns=["text"]).column("text").to_pylist()
+                    yield self.encode(texts)
+                    pa.default_memory_pool().release_unused()
+
+            if out:
+                checksums.append(write_npy_blocks(str(out), (n, self.dim), self.out_dtype, vectors()))
+            else:
+                checksums.append("")
+                for _ in vectors():
+                    pass
             outs.append(str(out))
-            checksums.append(save_npy_atomic(array, str(out)) if out else "")
-            rows.append(len(array))
+            rows.append(n)
         return {"out": np.asarray(outs), "sha256": np.asarray(checksums), "rows": np.asarray(rows)}

@@ -7,7 +7,10 @@ chunk store. Shard ``s`` of a split holds the documents of bucket ``s`` (empty b
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,9 @@ from retro_platform.config import PlatformConfig, TokenizerConfig
 from retro_platform.db import chunk as chunking
 from retro_platform.db.build.documents import Bucket, Documents
 from retro_platform.db.build.ledger import Ledger
+from retro_platform.db.build.streams import write_parquet_blocks
 from retro_platform.db.build.tasks import build_resources, run_tasks
-from retro_platform.db.files import parquet_file, read_table, write_table_atomic
+from retro_platform.db.files import parquet_file
 from retro_platform.db.layout import SPLITS, Location
 from retro_platform.db.manifest import SplitShard
 from retro_platform.db.tokenizer import load_tokenizer_file, save_tokenizer_atomic, train_tokenizer
@@ -80,28 +84,65 @@ def _cached_tokenizer(tokenizer_file: str, size: int, mtime_ns: int | None, etag
     return load_tokenizer_file(tokenizer_file)
 
 
-def count_bucket(path: str, tokenizer_file: str, chunk_len: int) -> dict[str, int]:
-    """Chunks and real tokens of one bucket's documents (one Ray task per bucket)."""
+DOCUMENT_BATCH = 256
+"""Documents tokenized and chunked per block by the chunking tasks."""
+
+
+def count_bucket(
+    path: str, tokenizer_file: str, chunk_len: int, record: str | None = None, fingerprint: str = ""
+) -> dict[str, int]:
+    """Chunks and real tokens of one bucket's documents (one Ray task per bucket), streamed a batch of
+    documents at a time. With ``record`` (a JSON file in the staging folder) the counts are kept for a
+    later run: counts recorded for the same bucket ``fingerprint``, tokenizer bytes and chunk length are
+    returned without tokenizing anything."""
+    key = ""
+    if record is not None:
+        key = hashlib.sha256(
+            f"{fingerprint}/{storage.sha256(tokenizer_file)}/{chunk_len}".encode()
+        ).hexdigest()
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            recorded = json.loads(storage.read_bytes(record))
+            if recorded["key"] == key:
+                return {"chunks": int(recorded["chunks"]), "tokens": int(recorded["tokens"])}
     tokenizer = worker_tokenizer(tokenizer_file)
     chunks = tokens = 0
-    for batch in parquet_file(path).iter_batches(batch_size=1024, columns=["text"]):
+    for batch in parquet_file(path).iter_batches(batch_size=DOCUMENT_BATCH, columns=["text"]):
         for ids in chunking.document_token_ids(batch.column("text").to_pylist(), tokenizer):
             chunks += max(1, -(-len(ids) // chunk_len))
             tokens += len(ids)
+    if record is not None:
+        storage.write_bytes_atomic(
+            record, json.dumps({"key": key, "chunks": chunks, "tokens": tokens}).encode()
+        )
     return {"chunks": chunks, "tokens": tokens}
 
 
+def counts_record(staging: str, bucket: Bucket) -> str:
+    """Where a bucket's chunk counts are kept in the staging folder."""
+    return storage.join(staging, "buckets", bucket.split, f"bucket-{bucket.bucket:04d}.counts.json")
+
+
 def plan_shards(
-    config: PlatformConfig, documents: Documents, tokenizer_file: Location
+    config: PlatformConfig, documents: Documents, tokenizer_file: Location, staging: str | None = None
 ) -> tuple[dict[str, list[SplitShard]], int]:
     """Every shard's document and chunk id ranges (train shards first, then valid), from per-bucket
-    counts -> (shards of each split, real tokens in the database)."""
+    counts -> (shards of each split, real tokens in the database). With ``staging`` the counts are
+    kept there, and counts an earlier run kept for the same documents and tokenizer are reused."""
     buckets: list[Bucket] = [b for split in SPLITS for b in documents.buckets[split]]
     counts = run_tasks(
         "chunks.count",
         count_bucket,
         [
-            {"path": b.path, "tokenizer_file": str(tokenizer_file), "chunk_len": config.database.chunk_len}
+            {
+                "path": b.path,
+                "tokenizer_file": str(tokenizer_file),
+                "chunk_len": config.database.chunk_len,
+                **(
+                    {"record": counts_record(staging, b), "fingerprint": b.fingerprint}
+                    if staging is not None and b.fingerprint
+                    else {}
+                ),
+            }
             for b in buckets
         ],
         build_resources(config),
@@ -128,16 +169,29 @@ def plan_shards(
 def write_shard(
     documents_file: str, tokenizer_file: str, chunk_len: int, shard: dict[str, Any], out: str, row_group: int
 ) -> str:
-    """Cut one bucket's documents into the chunk store of its shard (ids from the plan) -> sha256."""
-    table = read_table(documents_file)
-    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-    docs = [{"id": i, "text": t} for i, t in zip(ids, texts, strict=True)]
-    chunks = chunking.chunk_documents(
-        docs, worker_tokenizer(tokenizer_file), chunk_len, shard["doc_start"], shard["chunk_start"]
-    )
-    if chunks.num_rows != shard["chunk_end"] - shard["chunk_start"]:
+    """Cut one bucket's documents into the chunk store of its shard (ids from the plan) -> sha256.
+
+    Streams: ``DOCUMENT_BATCH`` documents are tokenized and chunked at a time and written in row groups
+    of ``row_group`` chunks, byte-identical to writing the whole shard's table at once."""
+    tokenizer = worker_tokenizer(tokenizer_file)
+
+    def blocks():
+        doc_id, chunk_id = shard["doc_start"], shard["chunk_start"]
+        for batch in parquet_file(documents_file).iter_batches(
+            batch_size=DOCUMENT_BATCH, columns=["id", "text"]
+        ):
+            ids, texts = batch.column("id").to_pylist(), batch.column("text").to_pylist()
+            docs = [{"id": i, "text": t} for i, t in zip(ids, texts, strict=True)]
+            table = chunking.chunk_documents(docs, tokenizer, chunk_len, doc_id, chunk_id)
+            doc_id += len(docs)
+            chunk_id += table.num_rows
+            yield table
+
+    sha256, rows = write_parquet_blocks(out, chunking.CHUNK_SCHEMA, blocks(), row_group)
+    if rows != shard["chunk_end"] - shard["chunk_start"]:
+        storage.delete(out)
         raise RuntimeError(f"shard {shard['shard']}: chunk count changed between planning and writing")
-    return write_table_atomic(chunks, out, row_group_size=row_group)
+    return sha256
 
 
 def write_chunks(

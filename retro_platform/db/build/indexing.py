@@ -18,8 +18,9 @@ import numpy as np
 from retro_platform.config import PlatformConfig
 from retro_platform.db import chunk as chunking
 from retro_platform.db.build.ledger import Ledger
+from retro_platform.db.build.streams import NpyReader, release_memory, write_npy_blocks
 from retro_platform.db.build.tasks import build_resources, embed_resources, run_tasks
-from retro_platform.db.files import load_npy, read_index, read_table, save_npy_atomic, write_index_atomic
+from retro_platform.db.files import parquet_file, read_index, write_index_atomic
 from retro_platform.db.index import (
     choose_factory,
     fill_index,
@@ -32,6 +33,12 @@ from retro_platform.db.manifest import IndexInfo, IndexShard, SplitShard
 from retro_platform.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
+
+FILL_BLOCK = 8192
+"""Most vectors per FAISS ``add`` call when the batching does not change the index (``fill_block``)."""
+
+SAMPLE_READ_ROWS = 8192
+"""Sampled rows read per call by the training task."""
 
 
 def index_resources(config: PlatformConfig) -> dict[str, float] | None:
@@ -68,18 +75,43 @@ def train_task(
     factory: str, embedding_files: list[str], sizes: list[int], sample: int, use_gpu: bool, out: str
 ) -> str:
     """Train ``factory`` on a seeded sample spread over the shards in proportion to their sizes and write
-    the empty trained index -> its sha256 (an index that needs no training, e.g. Flat, reads no sample)."""
-    empty = new_index(factory, int(load_npy(embedding_files[0]).shape[1]))
+    the empty trained index -> its sha256 (an index that needs no training, e.g. Flat, reads no sample).
+
+    Only the sampled rows are read from each shard's embeddings (coalesced ranged reads, on local files
+    and object storage alike), never a whole shard."""
+    with NpyReader(embedding_files[0]) as first:
+        dim = int(first.shape[1])
+    empty = new_index(factory, dim)
     if empty.is_trained:
         return write_index_atomic(empty, out)
     rng = np.random.default_rng(0)
     total = sum(sizes)
-    parts = []
-    for path, n in zip(embedding_files, sizes, strict=True):
+    picks = []
+    for n in sizes:
         take = min(n, max(1, round(sample * n / total)))
-        rows = np.sort(rng.choice(n, size=take, replace=False))
-        parts.append(np.asarray(load_npy(path)[rows], dtype=np.float32))
-    return write_index_atomic(train_index(factory, np.concatenate(parts), use_gpu=use_gpu), out)
+        picks.append(np.sort(rng.choice(n, size=take, replace=False)))
+    # one float32 array for the whole sample, filled a few thousand rows at a time (no per-shard copies)
+    vectors = np.empty((sum(len(rows) for rows in picks), dim), np.float32)
+    at = 0
+    for path, rows in zip(embedding_files, picks, strict=True):
+        with NpyReader(path) as reader:
+            for start in range(0, len(rows), SAMPLE_READ_ROWS):
+                part = rows[start : start + SAMPLE_READ_ROWS]
+                vectors[at : at + len(part)] = reader.take(part)
+                at += len(part)
+    del picks
+    return write_index_atomic(train_index(factory, vectors, use_gpu=use_gpu), out)
+
+
+def fill_block(index: faiss.Index, add_block: int) -> int:
+    """Vectors per ``add`` call when filling ``index``: ``add_block``, or at most ``FILL_BLOCK`` for an index
+    whose content does not depend on how adds are batched (all but HNSW graphs, which order a call's
+    vertices by level): FAISS's add of an IVF-PQ batch takes ~10 KB of scratch per vector."""
+    typed = faiss.downcast_index(index)
+    while isinstance(typed, (faiss.IndexRefine, faiss.IndexPreTransform)):
+        inner = typed.base_index if isinstance(typed, faiss.IndexRefine) else typed.index
+        typed = faiss.downcast_index(inner)
+    return add_block if isinstance(typed, faiss.IndexHNSW) else min(add_block, FILL_BLOCK)
 
 
 def fill_task(
@@ -93,16 +125,32 @@ def fill_task(
     single_thread: bool,
 ) -> dict[str, str]:
     """One index shard: the trained index filled with the shard's vectors, and its token and doc-id
-    arrays -> {output: sha256}."""
+    arrays -> {output: sha256}.
+
+    Streams: vectors are read and added ``add_block`` rows at a time, tokens and doc ids are copied a
+    chunk-store row group at a time; the index being filled is the only state that grows with the shard."""
     trained = read_index(trained_file)
-    with _omp_threads(1 if single_thread else None):
-        index = fill_index(trained, load_npy(embeddings_file), add_block, use_gpu)
-    table = read_table(chunks_file, ["tokens", "doc_id"])
-    return {
-        "index": write_index_atomic(index, outs["index"]),
-        "tokens": save_npy_atomic(chunking.tokens_array(table, chunk_len), outs["tokens"]),
-        "doc_ids": save_npy_atomic(table.column("doc_id").to_numpy().astype(np.int64), outs["doc_ids"]),
-    }
+    with NpyReader(embeddings_file) as vectors, _omp_threads(1 if single_thread else None):
+        index = fill_index(trained, vectors, fill_block(trained, add_block), use_gpu)
+    del trained
+    checksums = {"index": write_index_atomic(index, outs["index"])}
+    del index
+    release_memory()
+    file = parquet_file(chunks_file)
+    n = file.metadata.num_rows
+
+    def column_blocks(column: str):
+        for group in range(file.metadata.num_row_groups):
+            table = file.read_row_group(group, columns=[column])
+            if column == "tokens":
+                yield chunking.tokens_array(table, chunk_len)
+            else:
+                yield table.column(column).to_numpy().astype(np.int64)
+            release_memory()
+
+    checksums["tokens"] = write_npy_blocks(outs["tokens"], (n, chunk_len), np.int32, column_blocks("tokens"))
+    checksums["doc_ids"] = write_npy_blocks(outs["doc_ids"], (n,), np.int64, column_blocks("doc_id"))
+    return checksums
 
 
 def build_index(

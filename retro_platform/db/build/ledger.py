@@ -38,14 +38,22 @@ so shards are formed by parallel tasks without a global pass. Databases built be
 ranges in corpus order) are refused for a resume and rebuilt from scratch in another folder."""
 
 
-def fingerprint_inputs(config: PlatformConfig, digest: str) -> dict[str, Any]:
-    """Every setting (and the corpus content digest) that changes a database's bytes, not its resources."""
+STAGED_FOLDERS = ("piece-files", "buckets")
+"""The staging folder's entries a later run may reuse (``documents``: staged pieces and collated
+buckets with the chunk counts; each records what it was made from); anything else there (an older
+layout, a trained tokenizer) is deleted when a build starts."""
+
+
+def fingerprint_inputs(config: PlatformConfig, digest: str, shards: int | None = None) -> dict[str, Any]:
+    """Every setting (and the corpus content digest) that changes a database's bytes, not its resources;
+    with ``database.num_shards`` null, the shard count the build derived (``shards``) too."""
     db = config.database
     embed = db.embed
     return {
         "build.scheme": BUILD_SCHEME,
         "chunk_len": db.chunk_len,
         "num_shards": db.num_shards,
+        **({"num_shards.derived": shards} if db.num_shards is None and shards else {}),
         "corpus.source": db.corpus.source,
         "corpus.digest": digest,
         "corpus.max_documents": db.corpus.max_documents,
@@ -204,3 +212,16 @@ def staging_folder(layout: DatabaseLayout) -> str:
 def remove_staging(layout: DatabaseLayout) -> None:
     """Delete the build's intermediate files."""
     storage.delete_tree(staging_folder(layout))
+
+
+def clean_staging(layout: DatabaseLayout) -> None:
+    """Delete what a later run cannot reuse from the staging folder (an older layout's files, a trained
+    tokenizer), keeping the staged pieces and buckets that record what they were made from."""
+    staging = staging_folder(layout)
+    names = storage.list_files(staging)
+    for top in sorted({name.split("/")[0] for name in names} - set(STAGED_FOLDERS)):
+        if top in names:
+            storage.delete(storage.join(staging, top))
+        else:
+            logger.info("removing %s (staged by an earlier build, not reusable)", storage.join(staging, top))
+            storage.delete_tree(storage.join(staging, top))

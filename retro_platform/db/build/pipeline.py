@@ -28,6 +28,7 @@ from retro_platform.db.build.indexing import build_index, check_index_trainable
 from retro_platform.db.build.ledger import (
     Ledger,
     build_fingerprint,
+    clean_staging,
     fingerprint_inputs,
     remove_staging,
     staging_folder,
@@ -58,6 +59,8 @@ class Build:
         self.layout = DatabaseLayout(config.db_path)
         self.ledger = Ledger(self.layout)
         self.stats: dict[str, float] = {}
+        self.documents: Documents | None = None
+        """What the documents stage found (``Documents.parsed``: the pieces this run read)."""
 
     @property
     def written(self) -> list[str]:
@@ -65,13 +68,15 @@ class Build:
         return self.ledger.written
 
     def run(self) -> Manifest:
-        """Build, resume or repair the database -> its manifest."""
+        """Build, resume or repair the database -> its manifest.
+
+        The staging folder (staged corpus pieces, collated buckets, chunk counts) is kept when the build
+        fails, so the next run reuses what is current there; it is removed once the build completes."""
         staging = staging_folder(self.layout)
-        remove_staging(self.layout)  # what an interrupted run staged is redone
-        try:
-            return self._run(staging)
-        finally:
-            remove_staging(self.layout)
+        clean_staging(self.layout)  # keeps only what a later run can reuse
+        manifest = self._run(staging)
+        remove_staging(self.layout)
+        return manifest
 
     def _run(self, staging: str) -> Manifest:
         db, ledger, layout = self.config.database, self.ledger, self.layout
@@ -81,12 +86,14 @@ class Build:
         documents = stage_documents(self.config, staging)
         self.stats["corpus_seconds"] = time.perf_counter() - t0
         self.stats["documents_per_second_corpus"] = documents.read / self.stats["corpus_seconds"]
-        ledger.load_previous(fingerprint_inputs(self.config, documents.digest))
+        self.stats["pieces_parsed"] = len(documents.parsed)
+        self.documents = documents
+        ledger.load_previous(fingerprint_inputs(self.config, documents.digest, documents.shards))
         t0 = time.perf_counter()
         tokenizer_file = prepare_tokenizer(self.config, ledger, documents, staging)
         self.stats["tokenizer_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        plans, real_tokens = plan_shards(self.config, documents, tokenizer_file)
+        plans, real_tokens = plan_shards(self.config, documents, tokenizer_file, staging)
         self.stats["plan_seconds"] = time.perf_counter() - t0
         dim = encoder_dimension(db.embed.model)
         factory = check_index_trainable(self.config, plans, dim)

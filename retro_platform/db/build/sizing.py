@@ -1,6 +1,11 @@
-"""How many shards a database gets when ``database.num_shards`` is null: as many as the neighbour actors'
-memory budget (``pool.memory_gb_per_actor``) needs for the index codes, tokens and doc ids of the
-chunks the corpus will give.
+"""How many shards a database gets when ``database.num_shards`` is null: as many as two memory budgets
+need for the chunks the corpus will give, whichever needs more:
+
+* a neighbour actor (``pool.memory_gb_per_actor``) holds a shard's index codes, tokens and doc ids;
+* a build worker (``database.build_memory_gb``) streams its shard block by block (chunking, collating,
+  embedding, the token arrays), so the only state that grows with the shard is the index being filled
+  (its codes) and the 8-byte id hashes of the duplicate check, on top of a fixed floor
+  (``BUILD_WORKER_FLOOR_GB``).
 
 The chunk count is estimated before anything is read, from the corpus's size (the reader pieces' bytes
 over ``BYTES_PER_TOKEN`` bytes per token): documents are bucketed into shards by their first task, so
@@ -14,7 +19,7 @@ import math
 
 import faiss
 
-from retro_platform.config import PlatformConfig
+from retro_platform.config import BUILD_WORKER_FLOOR_GB, PlatformConfig
 from retro_platform.db.corpus import Piece
 from retro_platform.db.index import choose_factory
 
@@ -64,14 +69,31 @@ def _code_bytes(index: faiss.Index) -> float:
 
 
 def derived_num_shards(config: PlatformConfig, text_bytes: int, dim: int) -> int:
-    """Train shards for ``text_bytes`` of corpus when ``database.num_shards`` is null."""
+    """Train shards for ``text_bytes`` of corpus when ``database.num_shards`` is null: enough that one
+    shard fits a neighbour actor's budget and a build worker's (``shard_budgets``)."""
+    chunks = estimated_chunks(config, text_bytes)
+    return max(1, *(math.ceil(chunks / most) for most in shard_budgets(config, chunks, dim).values()))
+
+
+def estimated_chunks(config: PlatformConfig, text_bytes: int) -> int:
+    """Chunks ``text_bytes`` of corpus give (an estimate that errs high)."""
+    return max(1, math.ceil(text_bytes / (config.database.chunk_len * BYTES_PER_TOKEN)))
+
+
+def shard_budgets(config: PlatformConfig, chunks: int, dim: int) -> dict[str, int]:
+    """Most chunks one shard may hold under each memory budget -> {"pool": n, "build": n}, for an index
+    of ``chunks`` vectors of ``dim``."""
     db = config.database
-    chunks = max(1, math.ceil(text_bytes / (db.chunk_len * BYTES_PER_TOKEN)))
     factory = db.index.factory
     if factory == "auto":
         factory = choose_factory(chunks, dim, db.index.memory_budget_gb, db.index.train_sample)
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    per_chunk = code_bytes(index)
-    per_chunk += db.chunk_len * 4 + 8  # the shard's tokens (int32) and doc ids (int64)
-    budget = config.pool.memory_gb_per_actor * 1024**3 * HEADROOM
-    return max(1, math.ceil(chunks * per_chunk / budget))
+    codes = code_bytes(index)
+    pool_per_chunk = codes + db.chunk_len * 4 + 8  # the shard's tokens (int32) and doc ids (int64)
+    build_per_chunk = codes + 8  # the index being filled, and the collation's id hashes
+    pool_budget = config.pool.memory_gb_per_actor * 1024**3 * HEADROOM
+    build_budget = (db.build_memory_gb - BUILD_WORKER_FLOOR_GB) * 1024**3 * HEADROOM
+    return {
+        "pool": max(1, int(pool_budget // pool_per_chunk)),
+        "build": max(1, int(build_budget // build_per_chunk)),
+    }
