@@ -67,7 +67,9 @@ def test_training_node_lost_resumes_from_the_last_checkpoint(node_loss_db, tmp_p
 
     Today's main passes this (Ray Train's FailureConfig and the loop's resume): the test keeps it so."""
     with sim_cluster({"gpu_train": 2}) as sim:
-        config = train_config(node_loss_db, sim, tmp_path, "train-node-lost", "train.neighbor_mode=precomputed")
+        config = train_config(
+            node_loss_db, sim, tmp_path, "train-node-lost", "train.neighbor_mode=precomputed"
+        )
         init_ray(config)
         out: dict = {}
         thread = threading.Thread(target=lambda: out.update(run_training(config)))
@@ -135,7 +137,10 @@ def test_pool_node_lost_during_training_no_rank_waits_longer_than_one_search_tim
         steps = train_steps(config, out["run_id"])
         assert steps == sorted(set(steps)) and max(steps) == STEPS  # no restart of training was needed
         waits = {
-            rank: max(json.loads(line)["neighbor_wait_s"] for line in Path(f"{log}.rank{rank}").open())
+            rank: max(
+                json.loads(line)["neighbor_wait_s"]
+                for line in Path(f"{log}.rank{rank}").read_text().splitlines()
+            )
             for rank in range(2)
         }
         print(f"\nlongest neighbour wait per rank: { {r: round(w, 2) for r, w in waits.items()} } s")
