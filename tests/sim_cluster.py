@@ -98,6 +98,10 @@ class SimCluster:
         """{node id: node type} of every node ever started (removed ones included)."""
         self.nodes: dict[str, list] = {}
         """{node type: its live nodes}."""
+        self.dashboard_url: str | None = None
+        """The head's dashboard (state API, job API) when started with ``dashboard=True``: pass it as
+        ``address`` to ``ray.util.state`` (a GCS address on loopback would be rewritten to the
+        machine's network address)."""
 
     @property
     def address(self) -> str:
@@ -162,12 +166,13 @@ def sim_cluster(
             mp.delenv("RAY_ADDRESS", raising=False)
             cluster = Cluster(shutdown_at_exit=True)
             try:
-                head_args = {"include_dashboard": False}
+                head_args: dict = {"include_dashboard": False}
+                dashboard_port = free_port()
                 if dashboard:
                     head_args = {
                         "include_dashboard": True,
                         "dashboard_host": LOOPBACK,
-                        "dashboard_port": free_port(),
+                        "dashboard_port": dashboard_port,
                     }
                 head = cluster.add_node(
                     num_cpus=0,
@@ -177,6 +182,8 @@ def sim_cluster(
                     **head_args,
                 )
                 sim = SimCluster(cluster, head, cpus_per_node, object_store_mb)
+                if dashboard:
+                    sim.dashboard_url = f"http://{LOOPBACK}:{dashboard_port}"
                 for node_type, count in workers.items():
                     for _ in range(count):
                         sim.add(node_type)
