@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 PEERS_VENV ?= $(abspath ../peers-venv)
 PEERS_PYTHON ?= python3.11
 
-.PHONY: install browser demo test test-fast test-reliability lint format bench bench-retrieval bench-peers peers-venv clean
+.PHONY: install browser demo test test-fast test-faults test-reliability lint format bench bench-retrieval bench-peers peers-venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: $(STAMP) browser
 
 test-reliability: $(STAMP)
 	$(BIN)/python -m pytest -q -s tests/reliability
+
+# Nodes lost mid-build, mid-training and mid-search on simulated clusters (also part of `make test`).
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -x -q --durations=0 tests/test_build_node_loss.py tests/test_train_node_loss.py \
+		tests/test_pool_node_loss.py tests/test_multinode.py tests/test_autoscaling.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -q -m "not slow"

@@ -68,8 +68,17 @@ class RayConfig:
     pool_resource: str | None = None
     """Custom resource every neighbour shard actor asks for (routes the pool to on-demand `cpu_pool`
     nodes); None uses ``build_resource``."""
+    node_ip_address: str | None = None
+    """Address this process registers with Ray as its node's IP (``ray.init(_node_ip_address=...)``).
+    Set ``127.0.0.1`` to join a cluster whose nodes are bound to loopback (the simulated clusters of the
+    tests, ``ray start --node-ip-address=127.0.0.1``); None lets Ray pick the machine's address."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.node_ip_address is None or bool(self.node_ip_address.strip()),
+            "ray.node_ip_address",
+            "must be null or an IP address of this machine (e.g. 127.0.0.1)",
+        )
         _check(self.object_store_memory_gb > 0, "ray.object_store_memory_gb", "must be > 0")
         _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
         for name in ("build_resource", "train_resource", "embed_resource", "pool_resource"):
@@ -280,6 +289,10 @@ class DatabaseConfig:
         )
 
 
+REPLICA_SPREADS = ("auto", "strict", "best_effort")
+"""Values of ``pool.replica_spread``."""
+
+
 @dataclass
 class PoolConfig:
     """The neighbour pool: one Ray actor per index shard."""
@@ -304,8 +317,27 @@ class PoolConfig:
     memory_gb_per_actor: float = 8.0
     """Memory budget of one shard actor: with ``database.num_shards: null`` the build makes as many
     shards as the index, tokens and doc ids of the estimated chunks need at this budget."""
+    search_timeout_s: float = 10.0
+    """Longest wait for one shard's answer: past it the query goes to the shard's next replica, and when
+    no replica answers in time the search fails with ``NeighborSearchTimeout`` (a lost node then costs a
+    rank at most this, not the time Ray takes to restart the actor elsewhere)."""
+    replica_spread: str = "auto"
+    """Where a shard's replicas go: ``strict`` puts them on different nodes (a STRICT_SPREAD placement
+    group; ``ReplicaPlacementError`` when the cluster has too few nodes); ``best_effort`` asks Ray to
+    spread them but lets them share a node; ``auto`` is strict when enough alive nodes offer the pool's
+    resource, else best effort."""
+    placement_timeout_s: float = 60.0
+    """How long a strict placement may wait for nodes (e.g. the autoscaler starting them) before
+    ``ReplicaPlacementError``."""
 
     def __post_init__(self) -> None:
+        _check(self.search_timeout_s > 0, "pool.search_timeout_s", "must be > 0 seconds")
+        _check(
+            self.replica_spread in REPLICA_SPREADS,
+            "pool.replica_spread",
+            f"must be one of {', '.join(REPLICA_SPREADS)}, not {self.replica_spread!r}",
+        )
+        _check(self.placement_timeout_s > 0, "pool.placement_timeout_s", "must be > 0 seconds")
         _check(self.replicas >= 1, "pool.replicas", "must be >= 1")
         _check(self.memory_gb_per_actor > 0, "pool.memory_gb_per_actor", "must be > 0")
         _check(self.search_depth >= 1, "pool.search_depth", "must be >= 1")

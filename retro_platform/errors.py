@@ -46,3 +46,11 @@ class StorageError(RetroError, OSError):
 class StorageNotFoundError(StorageError, FileNotFoundError):
     """A file or object that was asked for does not exist (the bucket itself does: a missing bucket is a
     plain StorageError, never this, so "not built yet" logic catching FileNotFoundError cannot hide it)."""
+
+
+class NeighborSearchTimeout(RetroError, TimeoutError):
+    """No replica of an index shard answered a neighbour search within ``pool.search_timeout_s``."""
+
+
+class ReplicaPlacementError(RetroError):
+    """The neighbour pool's replicas cannot be placed as ``pool.replica_spread`` asks (too few nodes)."""

@@ -47,11 +47,37 @@ def runtime_env_vars() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def node_ip_kept(node_ip_address: str | None) -> Iterator[dict[str, str]]:
+    """``ray.init`` keyword arguments that register this process at ``node_ip_address`` (empty for None).
+
+    Ray 2.60 on Linux turns a loopback address (given as ``address`` or ``_node_ip_address``) into the
+    machine's network address before it connects (``services.resolve_ip_for_localhost``), so a driver
+    could not join nodes bound to 127.0.0.1 (it waits for a GCS at the network address, then for a
+    raylet there). While the block runs with a loopback address, that rewrite is switched off (the
+    module flag ``ray_constants.ENABLE_RAY_CLUSTER`` it reads, restored afterwards)."""
+    if not node_ip_address:
+        yield {}
+        return
+    from ray._private import ray_constants, services
+
+    if not services.is_localhost(node_ip_address):
+        yield {"_node_ip_address": node_ip_address}
+        return
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield {"_node_ip_address": node_ip_address}
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
 def init_ray(config: PlatformConfig) -> bool:
     """Connect to the configured cluster, or start a bounded local one.
 
     A cluster address comes from ``ray.address`` in config or ``RAY_ADDRESS`` (set by ``ray job
-    submit``); without one, a local Ray starts with explicit CPUs, a bounded object store and the
+    submit``); ``ray.node_ip_address`` (e.g. 127.0.0.1) is the address this process registers at
+    (``node_ip_kept``); without an address, a local Ray starts with explicit CPUs, a bounded object store and the
     dashboard (if enabled) on loopback. Returns True when this call connected this process to Ray (the
     caller then calls ``ray.shutdown()``), False when Ray was already initialised here.
     """
@@ -67,7 +93,14 @@ def init_ray(config: PlatformConfig) -> bool:
         # Under `ray job submit` the job's own runtime env (working_dir, env_vars) is merged with ours
         # instead of being refused as a conflict; ours carries the job's values (read from os.environ).
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        ray.init(address=address, namespace=ray_config.namespace, runtime_env=env, log_to_driver=True)
+        with node_ip_kept(ray_config.node_ip_address) as node_ip:
+            ray.init(
+                address=address,
+                namespace=ray_config.namespace,
+                runtime_env=env,
+                log_to_driver=True,
+                **node_ip,
+            )
         filter_ray_worker_lines()
         return True
     num_cpus = ray_config.num_cpus or os.cpu_count() or 1
@@ -77,17 +110,19 @@ def init_ray(config: PlatformConfig) -> bool:
         ray_config.object_store_memory_gb,
         f"on {ray_config.dashboard_host}" if ray_config.include_dashboard else "off",
     )
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        num_gpus=ray_config.num_gpus,
-        object_store_memory=int(ray_config.object_store_memory_gb * 1024**3),
-        include_dashboard=ray_config.include_dashboard,
-        dashboard_host=ray_config.dashboard_host,
-        namespace=ray_config.namespace,
-        runtime_env=env,
-        log_to_driver=True,
-    )
+    with node_ip_kept(ray_config.node_ip_address) as node_ip:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=ray_config.num_gpus,
+            object_store_memory=int(ray_config.object_store_memory_gb * 1024**3),
+            include_dashboard=ray_config.include_dashboard,
+            dashboard_host=ray_config.dashboard_host,
+            namespace=ray_config.namespace,
+            runtime_env=env,
+            log_to_driver=True,
+            **node_ip,
+        )
     filter_ray_worker_lines()
     return True
 

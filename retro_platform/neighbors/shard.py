@@ -65,12 +65,13 @@ class ShardActor:
         logger.info("shard %d: %d vectors loaded (pid %d)", shard, self.index.ntotal, os.getpid())
 
     def info(self) -> dict[str, Any]:
-        """Shard number, vectors, first chunk id and the serving process id."""
+        """Shard number, vectors, first chunk id, the serving process id and its Ray node id."""
         return {
             "shard": self.shard,
             "n_vectors": int(self.index.ntotal),
             "chunk_start": self.chunk_start,
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     def search(

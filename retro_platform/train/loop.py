@@ -85,6 +85,14 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return float(value)
 
 
+def _max_over_ranks(value: float, world: int) -> float:
+    """Largest value of a scalar over the DDP ranks."""
+    tensor = torch.tensor(float(value), dtype=torch.float64)
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point.
 
@@ -177,7 +185,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seen: list[dict[str, list]] = []
     if loop_config.get("worker_log"):
         Path(f"{loop_config['worker_log']}.rank{rank}.pid").write_text(str(os.getpid()))
-    window_tokens, window_wait, window_batches = 0, 0.0, 0
+    window_tokens, window_wait, window_batches, window_wait_max = 0, 0.0, 0, 0.0
     window_start = time.perf_counter()
     model.train()
     while step < train_cfg.steps:
@@ -187,6 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if loop_config.get("worker_log"):
                 seen.append(_audit_record(batch))
             window_wait += batch.neighbor_wait
+            window_wait_max = max(window_wait_max, batch.neighbor_wait)
             window_batches += 1
             window_tokens += batch.tokens.size
             t = to_tensors(batch, device)
@@ -212,6 +221,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tokens_per_s=window_tokens * world / elapsed,
                 grad_norm=float(grad_norm),
                 neighbor_wait_ms=1000 * window_wait / max(1, window_batches),
+                # the longest a batch of any rank waited for its neighbours (e.g. a lost pool node)
+                neighbor_wait_max_ms=1000 * _max_over_ranks(window_wait_max, world),
             )
             if rank == 0:
                 logger.info(
@@ -223,7 +234,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics["tokens_per_s"],
                     metrics["neighbor_wait_ms"],
                 )
-            window_tokens, window_wait, window_batches = 0, 0.0, 0
+            window_tokens, window_wait, window_batches, window_wait_max = 0, 0.0, 0, 0.0
             window_start = time.perf_counter()
         if eval_batches and ((train_cfg.eval_every and step % train_cfg.eval_every == 0) or last):
             metrics.update(evaluate_model(raw_model, valid_source, eval_batches, pool, mode, device, amp))
@@ -263,9 +274,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _audit_record(batch) -> dict[str, list]:
-    """What a batch trained on: its sequence ids and its neighbours' chunk ids [b, l, k] (if any)."""
+    """What a batch trained on: its sequence ids, its neighbours' chunk ids [b, l, k] (if any) and the
+    seconds it waited for them."""
     neighbors = None if batch.neighbor_chunk_ids is None else batch.neighbor_chunk_ids.tolist()
-    return {"sequences": batch.sequence_ids.tolist(), "neighbors": neighbors}
+    return {
+        "sequences": batch.sequence_ids.tolist(),
+        "neighbors": neighbors,
+        "neighbor_wait_s": float(getattr(batch, "neighbor_wait", 0.0) or 0.0),
+    }
 
 
 def _append_seen(path: str, rank: int, records: list[dict[str, list]]) -> None:

@@ -83,6 +83,11 @@ def test_bad_corpus_is_refused_naming_file_and_line_and_nothing_is_written(
         ("database.chunk_len=0", "database.chunk_len"),  # out of range
         ("database.num_shards=-1", "database.num_shards"),
         ("train.steps=many", "train.steps"),  # wrong type
+        ("pool.search_timeout_s=0", "pool.search_timeout_s: must be > 0"),
+        ("pool.search_timeout_s=-5", "pool.search_timeout_s: must be > 0"),
+        ("pool.replica_spread=everywhere", "pool.replica_spread: must be one of auto, strict, best_effort"),
+        ("pool.placement_timeout_s=0", "pool.placement_timeout_s: must be > 0"),
+        ("ray.node_ip_address=' '", "ray.node_ip_address"),
     ],
 )
 def test_bad_config_values_name_the_setting_and_write_nothing(tmp_path, capsys, setting, message):
