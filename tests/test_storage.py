@@ -206,7 +206,7 @@ def test_local_copy(root, cache_dir):
     np.testing.assert_array_equal(np.load(changed), np.arange(5) + 7)
     assert not path.exists()  # the old version was dropped from the cache
     cached = [name for _, _, files in os.walk(cache_dir / "objects") for name in files]
-    assert sorted(cached) == [".lock", "arr.npy"]  # no temp file left
+    assert sorted(cached) == [".lock", ".lock", "arr.npy"]  # the key's fill lock, the entry's; no temp file
 
 
 def test_local_copy_concurrent_downloads_once(s3_bucket, cache_dir, monkeypatch):
