@@ -183,7 +183,9 @@ def corpus_files(source: str) -> tuple[str, list[tuple[str, str]]]:
         raise CorpusError(f"corpus {location} does not exist ({setting})")
     files = [(_kind(name), storage.join(root, name)) for name in names if _kind(name)]
     if not files:
-        raise CorpusError(f"corpus folder {location} holds no .txt or .md files, nor .jsonl or .parquet files")
+        raise CorpusError(
+            f"corpus folder {location} holds no .txt or .md files, nor .jsonl or .parquet files"
+        )
     return root, files
 
 
