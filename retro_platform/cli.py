@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "add-docs", cmd_add_docs, "add documents to the database (a running `retro serve` reads them at once)"
     )
-    p.add_argument("files", nargs="+", help="JSONL/Parquet files or folders of .txt/.md documents")
+    p.add_argument(
+        "files", nargs="+", help="JSONL/Parquet files, folders of .txt/.md documents or globs, local or s3://"
+    )
     p = add("neighbors", cmd_neighbors, "show a chunk's neighbours")
     p.add_argument("--chunk-id", type=int, default=None, help="a chunk id of the database")
     p.add_argument("--text", default=None, help="any text to embed and search for")

@@ -207,7 +207,7 @@ def check_demo(config: PlatformConfig) -> tuple[PlatformConfig, dict[str, str] |
             f"{config.model.max_seq_len}; lower generate.max_new_tokens"
         )
     _, files = corpus_files(corpus.source)
-    unreadable = [str(f) for f in files if not os.access(f, os.R_OK)]
+    unreadable = [f for _, f in files if not storage.is_remote(f) and not os.access(f, os.R_OK)]
     if unreadable:
         raise CorpusError(
             f"corpus {corpus.source}: cannot read {unreadable[:3]}; give this user read access "
