@@ -53,6 +53,7 @@ __all__ = [
     "aws_env_vars",
     "basename",
     "cache_root",
+    "copy_tree",
     "delete",
     "delete_tree",
     "exists",
@@ -657,6 +658,16 @@ def upload(local_path: str | os.PathLike, location: str | os.PathLike, checksum:
     if not os.path.isfile(source):
         raise _not_found(os.fspath(local_path), "upload")
     return write_path_atomic(location, lambda tmp: shutil.copyfile(source, tmp), checksum)
+
+
+def copy_tree(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copy every file under the folder ``source`` to the folder ``destination`` (any locations; e.g.
+    a database into another work dir). Not atomic as a whole: delete ``destination`` after a failure."""
+    source_fs, source_path = filesystem(source)
+    destination_fs, destination_path = filesystem(destination)
+    makedirs(destination)
+    with _translated(_text(source), "copy"):
+        _copy(source_path, destination_path, source_fs, destination_fs)
 
 
 def delete(location: str | os.PathLike, missing_ok: bool = True) -> None:
