@@ -179,7 +179,7 @@ def trim(
             total -= item.size
     if total > bound:
         logger.warning(
-            "the node-local cache %s holds %.2f GB, above %s=%.2f: what is left is in use; raise the bound",
+            "the node-local cache %s holds %.3g GB, above %s=%.3g: what is left is in use; raise the bound",
             cache_root(cache_dir),
             total / 1e9,
             MAX_GB_ENV,
