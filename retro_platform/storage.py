@@ -43,40 +43,9 @@ import pyarrow.fs as pafs
 
 from retro_platform import node_cache
 from retro_platform.errors import StorageError, StorageNotFoundError
-from retro_platform.node_cache import CACHE_ENV, TEMP_PREFIX, cache_root
-
-__all__ = [
-    "CACHE_ENV",
-    "FileStat",
-    "StorageError",
-    "StorageNotFoundError",
-    "aws_env_vars",
-    "basename",
-    "cache_root",
-    "copy_tree",
-    "delete",
-    "delete_tree",
-    "exists",
-    "file_info",
-    "filesystem",
-    "is_dir",
-    "is_remote",
-    "join",
-    "list_files",
-    "list_stats",
-    "local_copy",
-    "local_folder",
-    "makedirs",
-    "open_input",
-    "parent",
-    "ray_filesystem",
-    "read_bytes",
-    "sha256",
-    "upload",
-    "write_bytes_atomic",
-    "write_file_atomic",
-    "write_path_atomic",
-]
+from retro_platform.node_cache import CACHE_ENV as CACHE_ENV  # re-exported: callers name them here
+from retro_platform.node_cache import TEMP_PREFIX as TEMP_PREFIX
+from retro_platform.node_cache import cache_root as cache_root
 
 BLOCK_SIZE = 1024 * 1024
 MAX_ATTEMPTS_ENV = "RETRO_S3_MAX_ATTEMPTS"
@@ -299,17 +268,9 @@ def aws_env_vars() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------
 # Errors
 
-_CREDENTIAL_WORDS = (
-    "ACCESS_DENIED",
-    "INVALID_ACCESS_KEY_ID",
-    "SIGNATURE_DOES_NOT_MATCH",
-    "EXPIRED_TOKEN",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AccessDenied",
-    "ExpiredToken",
-    "credentials",
-    "HTTP status 403",
+_REFUSED = re.compile(
+    r"ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|EXPIRED_TOKEN|AccessDenied|"
+    r"InvalidAccessKeyId|SignatureDoesNotMatch|ExpiredToken|credentials|HTTP status 403"
 )
 
 
@@ -323,7 +284,7 @@ def _s3_error(location: str, action: str, exc: OSError) -> StorageError:
     bucket, message = _bucket(location), str(exc)
     if "NO_SUCH_BUCKET" in message or "NoSuchBucket" in message:
         return _missing_bucket(location)
-    if any(word in message for word in _CREDENTIAL_WORDS):
+    if _REFUSED.search(message):
         hint = (
             ""
             if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")
