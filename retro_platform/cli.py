@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from retro_platform import storage
 from retro_platform.config import PlatformConfig, load_config
 from retro_platform.errors import RetroError, UserError
 from retro_platform.output import configure_output
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_output(args.verbose, native_stderr=argv is None)
     try:
         config = load_config(args.config, args.overrides)
+        storage.check_settings()  # a bad RETRO_CACHE_MAX_GB / RETRO_S3_MAX_ATTEMPTS fails here, not in a task
         args.func(config, args)
     except RetroError as exc:
         logger.debug("details", exc_info=True)

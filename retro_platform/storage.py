@@ -202,6 +202,13 @@ def max_attempts() -> int:
     return int(raw)
 
 
+def check_settings() -> None:
+    """Refuse a bad ``RETRO_S3_MAX_ATTEMPTS`` or ``RETRO_CACHE_MAX_GB`` (StorageError naming it), before
+    any work starts."""
+    max_attempts()
+    node_cache.max_bytes()
+
+
 def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
     """An S3FileSystem for ``bucket`` as ``FileSystem.from_uri`` configures it (endpoint, region), with
     the configured retries and no bucket creation; cached per bucket and setting in this process."""

@@ -148,3 +148,14 @@ def test_reads_ride_out_a_server_outage(s3_server, s3_bucket, monkeypatch):
             storage.read_bytes(f"{s3_bucket}/big.bin")
     finally:
         relay.close()
+
+
+def test_the_cli_refuses_bad_settings_before_any_work(monkeypatch, tmp_path, capsys):
+    from retro_platform.cli import main
+
+    for name, value in ((node_cache.MAX_GB_ENV, "lots"), (storage.MAX_ATTEMPTS_ENV, "0")):
+        monkeypatch.setenv(name, value)
+        assert main(["build-db", "--config", "debug", "--set", f"work_dir={tmp_path / 'work'}"]) == 2
+        assert f"{name}='{value}'" in capsys.readouterr().err
+        monkeypatch.delenv(name)
+    assert not (tmp_path / "work").exists()
