@@ -409,15 +409,11 @@ def file_info(location: str | os.PathLike) -> FileStat:
         if _info(text).type == pafs.FileType.Directory:
             raise StorageError(f"{text} is a prefix (folder), not an object") from None
         raise
-    etag = headers.get(b"ETag", headers.get("ETag", b""))
-    modified = headers.get(b"Last-Modified", headers.get("Last-Modified"))
-    mtime_ns = None
-    if modified:  # Arrow gives it in ISO 8601
-        moment = datetime.datetime.fromisoformat(
-            modified.decode() if isinstance(modified, bytes) else modified
-        )
-        mtime_ns = int(moment.timestamp()) * 1_000_000_000
-    etag = (etag.decode() if isinstance(etag, bytes) else etag).strip('"') or None
+    modified = headers.get("Last-Modified")  # ISO 8601 from Arrow
+    mtime_ns = (
+        int(datetime.datetime.fromisoformat(modified.decode()).timestamp()) * 10**9 if modified else None
+    )
+    etag = headers.get("ETag", b"").decode().strip('"') or None
     return FileStat(size=size, mtime_ns=mtime_ns, etag=etag)
 
 
