@@ -332,6 +332,9 @@ def test_unreachable_endpoint(s3_server, monkeypatch):
     dead = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
+    monkeypatch.setenv(
+        storage.MAX_ATTEMPTS_ENV, "1"
+    )  # the default 6 tries wait ~14 s (tests/test_node_cache.py)
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint") as info:
         storage.read_bytes("s3://bucket/x")
     assert "AWS_ENDPOINT_URL" in str(info.value) and dead in str(info.value)
