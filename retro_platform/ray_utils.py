@@ -40,14 +40,7 @@ def runtime_env_vars() -> dict[str, str]:
     from retro_platform import storage
 
     env = dict(DEFAULT_ENV_VARS)
-    for name in (
-        *DEFAULT_ENV_VARS,
-        "MLFLOW_TRACKING_URI",
-        "RETRO_CACHE_DIR",
-        "RETRO_CACHE_MAX_GB",
-        VERBOSE_ENV,
-        *QUIET_ENV_VARS,
-    ):
+    for name in (*DEFAULT_ENV_VARS, "MLFLOW_TRACKING_URI", "RETRO_CACHE_DIR", VERBOSE_ENV, *QUIET_ENV_VARS):
         if name in os.environ:
             env[name] = os.environ[name]
     env.update(storage.aws_env_vars())  # object storage (s3://) credentials and endpoint for every worker

@@ -64,6 +64,7 @@ AWS_ENV_VARS = (
     "AWS_CA_BUNDLE",
     "MLFLOW_S3_ENDPOINT_URL",
     MAX_ATTEMPTS_ENV,
+    node_cache.MAX_GB_ENV,
 )
 
 
@@ -265,9 +266,9 @@ def ray_filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 def aws_env_vars() -> dict[str, str]:
-    """The AWS variables of this process (credentials, region, endpoints, MLFLOW_S3_ENDPOINT_URL, S3
-    retries) that a Ray worker needs to reach the same S3 as the driver: merge them into the runtime
-    env's env_vars. On a cluster whose nodes have an instance role none of the key variables is set,
+    """The storage variables of this process (AWS credentials, region, endpoints, MLFLOW_S3_ENDPOINT_URL,
+    S3 retries, the node cache's bound) that a Ray worker needs to use storage as the driver does: merge
+    them into the runtime env's env_vars. On a cluster whose nodes have an instance role none of the key variables is set,
     so none is passed."""
     return {name: os.environ[name] for name in AWS_ENV_VARS if os.environ.get(name)}
 
