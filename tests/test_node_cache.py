@@ -159,3 +159,23 @@ def test_the_cli_refuses_bad_settings_before_any_work(monkeypatch, tmp_path, cap
         assert f"{name}='{value}'" in capsys.readouterr().err
         monkeypatch.delenv(name)
     assert not (tmp_path / "work").exists()
+
+
+def test_a_remote_folder_is_cached_once_and_refetched_when_a_file_changes(s3_bucket, cache_dir):
+    """A checkpoint directory on S3 sits on this node once (``checkpoints.local_checkpoint``)."""
+    from retro_platform.checkpoints import local_checkpoint
+
+    folder = f"{s3_bucket}/run/checkpoint_000001"
+    storage.write_bytes_atomic(f"{folder}/model.safetensors", b"weights")
+    storage.write_bytes_atomic(f"{folder}/sub/train_state.pt", b"state")
+    local = local_checkpoint(folder)
+    assert (local / "model.safetensors").read_bytes() == b"weights"
+    assert (local / "sub" / "train_state.pt").read_bytes() == b"state"
+    assert local_checkpoint(folder) == local
+    copies = sorted(p.name for p in cache_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert copies == ["model.safetensors", "train_state.pt"]  # one copy of each file
+    time.sleep(1.05)  # S3's Last-Modified has whole seconds
+    storage.write_bytes_atomic(f"{folder}/model.safetensors", b"weights 2")
+    again = local_checkpoint(folder)
+    assert again != local and not local.exists()
+    assert (again / "model.safetensors").read_bytes() == b"weights 2"
