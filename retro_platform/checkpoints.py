@@ -10,12 +10,9 @@ load one for a database.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import pickle
-import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -122,66 +119,44 @@ def model_for_database(config: PlatformConfig, manifest: Manifest) -> PlatformCo
 
 
 def latest_checkpoint(storage: Path | str, name: str) -> Path | str | None:
-    """The checkpoint with the highest step under ``<storage>/<name>``, if any (a URI string on object
-    storage: only the safetensors headers are read)."""
-    if _storage.is_remote(str(storage)):
-        run_dir = _storage.join(str(storage), name)
-        files = set(_storage.list_files(run_dir))
-        found_remote = []
-        for relative in files:
-            folder, _, leaf = relative.rpartition("/")
-            if leaf != WEIGHTS_FILE or f"{folder}/{STATE_FILE}" not in files:
-                continue
-            location = _storage.join(run_dir, relative)
-            try:
-                _, extra = remote_checkpoint_metadata(location)
-            except (ValueError, FileNotFoundError):
-                continue  # a checkpoint being written or deleted
-            found_remote.append((int(extra.get("step", 0)), relative, _storage.join(run_dir, folder)))
-        return max(found_remote)[2] if found_remote else None
-    run_dir = Path(storage) / name
-    if not run_dir.exists():
-        return None
+    """The checkpoint with the highest step under ``<storage>/<name>``, if any (a Path, or a URI string
+    on object storage); only the safetensors headers are read."""
+    run_dir = _storage.join(str(storage), name)
+    files = _storage.list_stats(run_dir)
     found = []
-    for weights in run_dir.rglob(WEIGHTS_FILE):
-        if not (weights.parent / STATE_FILE).exists():
+    for relative, stat in files.items():
+        folder, _, leaf = relative.rpartition("/")
+        if leaf != WEIGHTS_FILE or (f"{folder}/{STATE_FILE}" if folder else STATE_FILE) not in files:
             continue
         try:
-            _, extra = read_checkpoint_metadata(weights)
+            _, extra = checkpoint_metadata(_storage.join(run_dir, relative))
         except (ValueError, FileNotFoundError):
             continue  # a checkpoint being written or deleted
-        found.append((int(extra.get("step", 0)), weights.stat().st_mtime, weights.parent))
-    return max(found)[2] if found else None
+        found.append((int(extra.get("step", 0)), stat.mtime_ns or 0, _storage.join(run_dir, folder)))
+    if not found:
+        return None
+    newest = max(found)[2]
+    return newest if _storage.is_remote(newest) else Path(newest)
 
 
-def remote_checkpoint_metadata(location: str) -> tuple[Any, dict[str, Any]]:
-    """``read_checkpoint_metadata`` of a checkpoint file on object storage, from its header alone (the
+def checkpoint_metadata(location: Path | str) -> tuple[Any, dict[str, Any]]:
+    """``read_checkpoint_metadata`` of a checkpoint file at any location, from its header alone (the
     safetensors format: 8 bytes of header length, then the JSON header with ``__metadata__``)."""
     with _storage.open_input(location) as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > 100 << 20:
-            raise ValueError(f"checkpoint {location} is not a safetensors file")
-        header = json.loads(f.read(length))
-    return config_from_metadata(header.get("__metadata__") or {}, location)
+        try:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 << 20:
+                raise ValueError("header too long")
+            header = json.loads(f.read(length))
+        except (struct.error, ValueError) as exc:
+            raise ValueError(f"checkpoint {location} is not a readable safetensors file ({exc})") from None
+    return config_from_metadata(header.get("__metadata__") or {}, str(location))
 
 
 def local_checkpoint(checkpoint: Path | str) -> Path:
-    """A checkpoint directory on this node: the directory itself, or a node-local cached copy of one on
-    object storage (files fetched once per version, see ``storage.local_copy``)."""
-    text = str(checkpoint)
-    if not _storage.is_remote(text):
-        return Path(checkpoint)
-    target = Path(_storage.cache_root()) / "checkpoints" / hashlib.sha256(text.encode()).hexdigest()[:24]
-    for relative in _storage.list_files(text):
-        source = _storage.local_copy(_storage.join(text, relative))
-        destination = target / relative
-        if destination.exists() and destination.stat().st_size == source.stat().st_size:
-            continue
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, destination)
-    return target
+    """A checkpoint directory on this node: the directory itself, or the node-local cache's copy of one
+    on object storage (``storage.local_folder``: fetched once per node and version)."""
+    return _storage.local_folder(str(checkpoint))
 
 
 def other_tokenizer(extra: dict[str, Any], manifest: Manifest) -> bool:
@@ -193,10 +168,7 @@ def other_tokenizer(extra: dict[str, Any], manifest: Manifest) -> bool:
 
 def check_resumable(config: PlatformConfig, checkpoint: Path | str, manifest: Manifest) -> dict[str, Any]:
     """Refuse to resume a checkpoint of another model or tokenizer -> its metadata."""
-    if _storage.is_remote(str(checkpoint)):
-        model_cfg, extra = remote_checkpoint_metadata(_storage.join(str(checkpoint), WEIGHTS_FILE))
-    else:
-        model_cfg, extra = read_checkpoint_metadata(Path(checkpoint) / WEIGHTS_FILE)
+    model_cfg, extra = checkpoint_metadata(_storage.join(str(checkpoint), WEIGHTS_FILE))
     if model_cfg != config.model:
         mine, theirs = config.model.to_dict(), model_cfg.to_dict()
         diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
@@ -364,10 +336,7 @@ def check_compatible(
     if metadata is None:
         weights = _storage.join(str(checkpoint), WEIGHTS_FILE)
         try:
-            if _storage.is_remote(weights):
-                metadata = remote_checkpoint_metadata(weights)
-            else:
-                metadata = read_checkpoint_metadata(weights)
+            metadata = checkpoint_metadata(weights)
         except (FileNotFoundError, ValueError) as exc:
             raise CheckpointError(str(exc)) from None
     model_config, extra = metadata

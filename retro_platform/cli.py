@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from retro_platform import storage
 from retro_platform.config import PlatformConfig, load_config
 from retro_platform.errors import RetroError, UserError
 from retro_platform.output import configure_output
@@ -134,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "add-docs", cmd_add_docs, "add documents to the database (a running `retro serve` reads them at once)"
     )
-    p.add_argument("files", nargs="+", help="JSONL/Parquet files or folders of .txt/.md documents")
+    p.add_argument(
+        "files", nargs="+", help="JSONL/Parquet files, folders of .txt/.md documents or globs, local or s3://"
+    )
     p = add("neighbors", cmd_neighbors, "show a chunk's neighbours")
     p.add_argument("--chunk-id", type=int, default=None, help="a chunk id of the database")
     p.add_argument("--text", default=None, help="any text to embed and search for")
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_output(args.verbose, native_stderr=argv is None)
     try:
         config = load_config(args.config, args.overrides)
+        storage.check_settings()  # a bad RETRO_CACHE_MAX_GB / RETRO_S3_MAX_ATTEMPTS fails here, not in a task
         args.func(config, args)
     except RetroError as exc:
         logger.debug("details", exc_info=True)

@@ -96,7 +96,8 @@ class CorpusConfig:
     """Where the documents come from."""
 
     source: str = "wikipedia"
-    """'wikipedia' (the packaged ~10k English summaries), or a path: .jsonl, .parquet, or a folder of .txt/.md."""
+    """'wikipedia' (the packaged ~10k English summaries), or a .jsonl/.parquet file, a folder of them or of .txt/.md,
+    or a glob of files, local or s3://."""
     max_documents: int | None = None
     """Keep only the first N documents (a documented subset for quick presets); None keeps all."""
     valid_fraction: float = 0.05

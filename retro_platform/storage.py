@@ -1,41 +1,30 @@
 """Storage locations: a local/NFS path or ``s3://bucket/prefix``, read and written through ``pyarrow.fs``.
 
-Every location is a string. A local location is a plain path (``file:///x`` is accepted and means
-``/x``); a remote one keeps its scheme (``s3://bucket/key``). Only ``s3://`` is remote; it works with
-AWS and with any S3-compatible server (MinIO, Ceph, moto...) configured through the standard variables:
+Every location is a string: a plain path (``file:///x`` means ``/x``) or an ``s3://`` URI, for AWS or any
+S3-compatible server (MinIO, Ceph, moto...). ``pyarrow.fs.FileSystem.from_uri`` finds the endpoint
+(``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``) and the bucket's region (``AWS_REGION`` wins when
+set); credentials come from the AWS SDK's default chain (an instance role on a cluster; locally
+``AWS_PROFILE`` or the key variables) and are never put into the filesystem objects. Every request is
+retried ``RETRO_S3_MAX_ATTEMPTS`` times (default 6, AWS's standard retry strategy: exponential backoff),
+so a short outage of the server is ridden out. Buckets are never created.
 
-* ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (/ ``AWS_SESSION_TOKEN``), or ``AWS_PROFILE``, or an
-  instance role: the AWS SDK's default chain. Credentials are never put into the filesystem objects, so
-  a filesystem pickled into a Ray task carries none: every Ray worker needs the same variables (pass
-  :func:`aws_env_vars` in the runtime env) or a role of its own.
-* ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL`` (``http://host:port`` for a non-AWS server). Arrow's
-  ``FileSystem.from_uri`` reads these two itself (in that order) but ``S3FileSystem()`` does not, so
-  :func:`filesystem` reads them and passes ``endpoint_override`` and ``scheme``.
-* ``AWS_REGION``, else ``AWS_DEFAULT_REGION``; without either, the bucket's region is asked of AWS (or
-  ``us-east-1`` for a custom endpoint).
-
-Buckets are never created (``allow_bucket_creation=False``): a missing bucket is an error naming it.
-
-Writes are atomic: a reader sees the previous version or the complete new one, never a part. Locally
-the data goes to a hidden temp file in the same folder, is fsynced and ``os.replace``-d. On S3 an object
-only becomes visible when its upload completes; as Arrow's output streams *complete* the upload when
-closed after an exception (there is no abort in Python), writer callbacks never write into an S3
-stream: their output is spooled to a node-local temp file first and uploaded once complete.
+Writes are atomic (:func:`write_path_atomic`, which every writer goes through): the data is produced
+into a node-local temp file (locally: beside the target), then renamed over the target, or uploaded in
+one piece that S3 makes visible only when complete. If the producer fails, nothing is published.
 
 Readers that need a real local file (``faiss.read_index``, ``np.load(mmap_mode="r")``) call
-:func:`local_copy`: the path itself for a local location, else a node-local cached download keyed by
-the URI and the object's size, mtime and ETag.
+:func:`local_copy`: the path itself for a local location, else a copy in the node-local cache
+(:mod:`retro_platform.node_cache`, versioned by the object's size, ETag and mtime, bounded in size).
 
-Errors are :class:`~retro_platform.errors.StorageError` (missing credentials, missing bucket,
-unreachable endpoint, permission) or :class:`~retro_platform.errors.StorageNotFoundError` (also a
-FileNotFoundError) for a missing file or object.
+Errors are :class:`~retro_platform.errors.StorageError` saying what to change (credentials, bucket,
+endpoint, permission) or :class:`~retro_platform.errors.StorageNotFoundError` for a missing file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
-import fcntl
 import hashlib
 import os
 import posixpath
@@ -52,43 +41,16 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from retro_platform import node_cache
 from retro_platform.errors import StorageError, StorageNotFoundError
+from retro_platform.node_cache import CACHE_ENV as CACHE_ENV  # re-exported: callers name them here
+from retro_platform.node_cache import TEMP_PREFIX as TEMP_PREFIX
+from retro_platform.node_cache import cache_root as cache_root
 
-__all__ = [
-    "FileStat",
-    "StorageError",
-    "StorageNotFoundError",
-    "aws_env_vars",
-    "basename",
-    "cache_root",
-    "delete",
-    "delete_tree",
-    "exists",
-    "file_info",
-    "filesystem",
-    "is_dir",
-    "is_remote",
-    "join",
-    "list_files",
-    "local_copy",
-    "makedirs",
-    "open_input",
-    "parent",
-    "ray_filesystem",
-    "read_bytes",
-    "sha256",
-    "upload",
-    "write_bytes_atomic",
-    "write_file_atomic",
-    "write_path_atomic",
-]
-
-REMOTE_SCHEMES = ("s3",)
 BLOCK_SIZE = 1024 * 1024
-CACHE_ENV = "RETRO_CACHE_DIR"
-DEFAULT_CACHE_DIR = "~/.cache/retro-platform/storage"
-# Local temp files (atomic writes, downloads) start with this; list_files never returns them.
-TEMP_PREFIX = ".retro-tmp-"
+MAX_ATTEMPTS_ENV = "RETRO_S3_MAX_ATTEMPTS"
+"""Variable setting how many times one S3 request is tried."""
+DEFAULT_MAX_ATTEMPTS = 6
 # The variables a process (driver or Ray worker) needs to reach S3 the same way as this one.
 AWS_ENV_VARS = (
     "AWS_ACCESS_KEY_ID",
@@ -101,6 +63,8 @@ AWS_ENV_VARS = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_CA_BUNDLE",
     "MLFLOW_S3_ENDPOINT_URL",
+    MAX_ATTEMPTS_ENV,
+    node_cache.MAX_GB_ENV,
 )
 
 
@@ -151,7 +115,7 @@ def is_remote(location: str | os.PathLike) -> bool:
     scheme."""
     text = _text(location)
     scheme = _scheme(text)
-    if scheme in REMOTE_SCHEMES:
+    if scheme == "s3":
         return True
     if scheme in ("", "file"):
         return False
@@ -171,13 +135,11 @@ def _local_path(location: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
-def _split_s3(location: str) -> tuple[str, str]:
-    """(bucket, key) of an s3:// URI; the key may be empty (the bucket itself)."""
-    rest = location.split("://", 1)[1]
-    bucket, _, key = rest.partition("/")
+def _bucket(location: str) -> str:
+    bucket = location.split("://", 1)[1].partition("/")[0]
     if not bucket:
         raise StorageError(f"{location!r} names no bucket: write s3://bucket/prefix")
-    return bucket, key.strip("/")
+    return bucket
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -187,8 +149,7 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     ValueError rather than silently replacing ``base`` as ``os.path.join`` would."""
     base_text = _text(base)
     clean = []
-    for part in parts:
-        part = os.fspath(part)
+    for part in map(os.fspath, parts):
         if part.startswith("/") or _scheme(part):
             raise ValueError(f"join: {part!r} is not a relative path (base {base_text!r})")
         if part.strip("/"):
@@ -202,12 +163,11 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 def parent(location: str | os.PathLike) -> str:
     """The folder (prefix) holding ``location``, in the same form (``s3://b/a/x`` -> ``s3://b/a``)."""
-    text = _text(location)
+    text = _text(location).rstrip("/")
     if is_remote(text):
-        bucket, key = _split_s3(text)
-        head = posixpath.dirname(key)
-        return f"{_scheme(text)}://{bucket}" + (f"/{head}" if head else "")
-    return os.path.dirname(text.rstrip("/")) or text
+        head = posixpath.dirname(text.split("://", 1)[1])
+        return f"{_scheme(text)}://{head or _bucket(text)}"
+    return os.path.dirname(text) or text
 
 
 def basename(location: str | os.PathLike) -> str:
@@ -218,26 +178,42 @@ def basename(location: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Filesystems
 
-
-@dataclass(frozen=True)
-class _S3Settings:
-    endpoint: str | None  # as configured (for messages), None for AWS
-    endpoint_override: str | None
-    scheme: str
-    region: str | None
-    credentials: str  # a digest of the credential variables: a changed key gets a new filesystem
-
-
 _FS_LOCK = threading.Lock()
 _FILESYSTEMS: dict[tuple, pafs.FileSystem] = {}
-_BUCKET_REGIONS: dict[str, str] = {}
 _KNOWN_BUCKETS: set[tuple] = set()
 _LOCAL_FS = pafs.LocalFileSystem()
 
 
-def _s3_settings() -> _S3Settings:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    endpoint_override, scheme = None, "https"
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def max_attempts() -> int:
+    """Tries per S3 request from ``RETRO_S3_MAX_ATTEMPTS`` (default 6; StorageError when not an integer
+    >= 1)."""
+    raw = os.environ.get(MAX_ATTEMPTS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_ATTEMPTS
+    if not raw.isdigit() or int(raw) < 1:
+        raise StorageError(
+            f"{MAX_ATTEMPTS_ENV}={raw!r} is not a number of tries: set it to an integer >= 1 (each S3 "
+            f"request is retried with exponential backoff up to that many times), or unset it for "
+            f"{DEFAULT_MAX_ATTEMPTS}"
+        )
+    return int(raw)
+
+
+def check_settings() -> None:
+    """Refuse a bad ``RETRO_S3_MAX_ATTEMPTS`` or ``RETRO_CACHE_MAX_GB`` (StorageError naming it), before
+    any work starts."""
+    max_attempts()
+    node_cache.max_bytes()
+
+
+def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
+    """An S3FileSystem for ``bucket`` as ``FileSystem.from_uri`` configures it (endpoint, region), with
+    the configured retries and no bucket creation; cached per bucket and setting in this process."""
+    endpoint = _endpoint()
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path not in ("", "/"):
@@ -245,145 +221,106 @@ def _s3_settings() -> _S3Settings:
                 f"AWS_ENDPOINT_URL(_S3)={endpoint!r} is not an endpoint URL: set it to "
                 f"http(s)://host[:port] of the S3-compatible server, without a path"
             )
-        endpoint_override, scheme = parsed.netloc, parsed.scheme
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-    digest = hashlib.sha256(
-        "\0".join(
-            os.environ.get(name, "")
-            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
-        ).encode()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+    attempts = max_attempts()
+    credentials = hashlib.sha256(
+        "\0".join(os.environ.get(name, "") for name in AWS_ENV_VARS[:4]).encode()
     ).hexdigest()
-    return _S3Settings(endpoint, endpoint_override, scheme, region, digest)
-
-
-def _s3_filesystem(bucket: str) -> tuple[pafs.S3FileSystem, _S3Settings]:
-    settings = _s3_settings()
-    region = settings.region
-    if region is None:
-        if settings.endpoint_override:
-            region = "us-east-1"
-        else:
-            region = _BUCKET_REGIONS.get(bucket)
-            if region is None:
-                try:
-                    region = pafs.resolve_s3_region(bucket)
-                except OSError as exc:
-                    raise StorageError(
-                        f"cannot find the region of S3 bucket {bucket!r} ({exc}): set AWS_REGION to the "
-                        f"bucket's region, or AWS_ENDPOINT_URL for an S3-compatible server"
-                    ) from exc
-                _BUCKET_REGIONS[bucket] = region
-    key = ("s3", settings.endpoint_override, settings.scheme, region, settings.credentials)
+    key = (bucket, endpoint, region, attempts, credentials)
     with _FS_LOCK:
-        fs = _FILESYSTEMS.get(key)
-        if fs is None:
-            fs = pafs.S3FileSystem(
-                region=region,
-                endpoint_override=settings.endpoint_override,
-                scheme=settings.scheme,
-                allow_bucket_creation=False,
-                allow_bucket_deletion=False,
-            )
-            _FILESYSTEMS[key] = fs
-    return fs, settings
+        if key in _FILESYSTEMS:
+            return _FILESYSTEMS[key]
+    try:
+        found, _ = pafs.FileSystem.from_uri(f"s3://{bucket}" + (f"?region={region}" if region else ""))
+    except OSError as exc:
+        raise StorageError(
+            f"cannot find the region of S3 bucket {bucket!r} ({exc}): set AWS_REGION to the bucket's "
+            f"region, or AWS_ENDPOINT_URL for an S3-compatible server"
+        ) from exc
+    options = found.__reduce__()[1][0]  # from_uri's settings, as S3FileSystem's keyword arguments
+    options.update(
+        allow_bucket_creation=False,
+        allow_bucket_deletion=False,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+    )
+    fs = pafs.S3FileSystem(**options)
+    with _FS_LOCK:
+        return _FILESYSTEMS.setdefault(key, fs)
 
 
 def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """``(pyarrow filesystem, path in it)`` for ``location``.
-
-    Local: ``LocalFileSystem`` and the absolute path. ``s3://bucket/key``: an ``S3FileSystem`` for the
-    endpoint/region of the AWS variables (see the module docstring) and ``"bucket/key"``. Filesystems
-    are cached per endpoint, region and credentials in this process."""
+    """``(pyarrow filesystem, path in it)`` for ``location``: ``LocalFileSystem`` and the absolute path,
+    or for ``s3://bucket/key`` an ``S3FileSystem`` (see the module docstring) and ``"bucket/key"``."""
     text = _text(location)
     if not is_remote(text):
         return _LOCAL_FS, _local_path(text)
-    bucket, key = _split_s3(text)
-    fs, _ = _s3_filesystem(bucket)
-    return fs, f"{bucket}/{key}" if key else bucket
+    return _s3_filesystem(_bucket(text)), text.split("://", 1)[1].strip("/")
 
 
 def ray_filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path)`` to hand to Ray: ``ray.data.read_parquet(path, filesystem=fs)``,
     ``Dataset.write_parquet(path, filesystem=fs)``, ``RunConfig(storage_path=path,
-    storage_filesystem=fs)``.
-
-    The filesystem is pickled into Ray's tasks with its endpoint and region but without credentials:
-    workers need the AWS variables too (:func:`aws_env_vars` in the runtime env) or an instance role."""
+    storage_filesystem=fs)``. The filesystem travels with its endpoint, region and retries but without
+    credentials: every node finds its own (an instance role, or :func:`aws_env_vars`)."""
     return filesystem(location)
 
 
 def aws_env_vars() -> dict[str, str]:
-    """The AWS variables of this process (credentials, region, endpoints, MLFLOW_S3_ENDPOINT_URL) that a
-    Ray worker needs to reach the same S3 as the driver: merge them into the runtime env's env_vars."""
+    """The storage variables of this process (AWS credentials, region, endpoints, MLFLOW_S3_ENDPOINT_URL,
+    S3 retries, the node cache's bound) that a Ray worker needs to use storage as the driver does: merge
+    them into the runtime env's env_vars. On a cluster whose nodes have an instance role none of the key variables is set,
+    so none is passed."""
     return {name: os.environ[name] for name in AWS_ENV_VARS if os.environ.get(name)}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Errors
 
-_AWS_CODE = re.compile(r"AWS Error (\w+)")
-_CREDENTIAL_CODES = {
-    "ACCESS_DENIED",
-    "INVALID_ACCESS_KEY_ID",
-    "SIGNATURE_DOES_NOT_MATCH",
-    "MISSING_AUTHENTICATION_TOKEN",
-    "INVALID_CLIENT_TOKEN_ID",
-    "EXPIRED_TOKEN",
-    "UNRECOGNIZED_CLIENT",
-}
-_CREDENTIAL_WORDS = (
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AccessDenied",
-    "ExpiredToken",
-    "credentials",
-    "HTTP status 403",
+_REFUSED = re.compile(
+    r"ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|EXPIRED_TOKEN|AccessDenied|"
+    r"InvalidAccessKeyId|SignatureDoesNotMatch|ExpiredToken|credentials|HTTP status 403"
 )
 
 
-def _where(settings: _S3Settings) -> str:
-    return f"the S3 endpoint {settings.endpoint}" if settings.endpoint else "AWS S3"
+def _where() -> str:
+    endpoint = _endpoint()
+    return f"the S3 endpoint {endpoint}" if endpoint else "AWS S3"
 
 
 def _s3_error(location: str, action: str, exc: OSError) -> StorageError:
     """A StorageError saying what to change for an S3 failure of pyarrow."""
-    settings = _s3_settings()
-    bucket, _ = _split_s3(location)
-    message = str(exc)
-    match = _AWS_CODE.search(message)
-    code = match.group(1) if match else ""
-    if code == "NO_SUCH_BUCKET" or "NoSuchBucket" in message:
-        return _missing_bucket(location, bucket, settings)
-    if code in _CREDENTIAL_CODES or any(word in message for word in _CREDENTIAL_WORDS):
+    bucket, message = _bucket(location), str(exc)
+    if "NO_SUCH_BUCKET" in message or "NoSuchBucket" in message:
+        return _missing_bucket(location)
+    if _REFUSED.search(message):
         hint = (
             ""
             if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")
             else " (neither AWS_ACCESS_KEY_ID nor AWS_PROFILE is set in this process)"
         )
         return StorageError(
-            f"{_where(settings)} refused to {action} {location} ({code or 'access denied'}){hint}: set "
-            f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role) to "
-            f"credentials allowed to read and write bucket {bucket!r}, in the driver and in the Ray "
-            f"workers' runtime env"
+            f"{_where()} refused to {action} {location}{hint}: give this node credentials allowed to "
+            f"read and write bucket {bucket!r}: an instance role (cluster.yaml), AWS_PROFILE, or "
+            f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY ({message})"
         )
-    if code == "NETWORK_CONNECTION" or "curlCode" in message or "Could not resolve" in message:
+    if "NETWORK_CONNECTION" in message or "curlCode" in message or "Could not resolve" in message:
         change = (
             "check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (http(s)://host:port) and that the server is up"
-            if settings.endpoint
+            if _endpoint()
             else "check the network/proxy, or set AWS_ENDPOINT_URL to the URL of an S3-compatible server"
         )
-        return StorageError(f"cannot reach {_where(settings)} to {action} {location}: {change} ({message})")
-    if "301" in message or "PermanentRedirect" in message or "AuthorizationHeaderMalformed" in message:
         return StorageError(
-            f"bucket {bucket!r} is not in region {settings.region or 'us-east-1'} ({message}): set "
-            f"AWS_REGION to the bucket's region"
+            f"cannot reach {_where()} to {action} {location} after {max_attempts()} tries "
+            f"({MAX_ATTEMPTS_ENV}): {change} ({message})"
         )
-    return StorageError(f"cannot {action} {location} on {_where(settings)}: {message}")
+    if "301" in message or "PermanentRedirect" in message or "AuthorizationHeaderMalformed" in message:
+        return StorageError(f"bucket {bucket!r} is in another region ({message}): set AWS_REGION to it")
+    return StorageError(f"cannot {action} {location} on {_where()}: {message}")
 
 
-def _missing_bucket(location: str, bucket: str, settings: _S3Settings) -> StorageError:
+def _missing_bucket(location: str) -> StorageError:
     return StorageError(
-        f"S3 bucket {bucket!r} does not exist on {_where(settings)} (location {location}): create it "
+        f"S3 bucket {_bucket(location)!r} does not exist on {_where()} (location {location}): create it "
         f"(the platform never creates buckets), fix the location, or point AWS_ENDPOINT_URL at the "
         f"server that has it"
     )
@@ -392,18 +329,17 @@ def _missing_bucket(location: str, bucket: str, settings: _S3Settings) -> Storag
 def _check_bucket(location: str) -> None:
     """Raise a StorageError when the bucket of an s3:// location does not exist (checked once per
     bucket and filesystem in this process)."""
-    bucket, _ = _split_s3(location)
-    fs, settings = _s3_filesystem(bucket)
-    key = (id(fs), bucket)
-    if key in _KNOWN_BUCKETS:
+    bucket = _bucket(location)
+    fs = _s3_filesystem(bucket)
+    if (id(fs), bucket) in _KNOWN_BUCKETS:
         return
     try:
         info = fs.get_file_info(bucket)
     except OSError as exc:
         raise _s3_error(location, "find the bucket of", exc) from exc
     if info.type == pafs.FileType.NotFound:
-        raise _missing_bucket(location, bucket, settings)
-    _KNOWN_BUCKETS.add(key)
+        raise _missing_bucket(location)
+    _KNOWN_BUCKETS.add((id(fs), bucket))
 
 
 @contextlib.contextmanager
@@ -435,63 +371,24 @@ def _not_found(location: str, action: str) -> StorageNotFoundError:
 # Inspecting
 
 
+def _info(text: str, action: str = "look up") -> pafs.FileInfo:
+    fs, path = filesystem(text)
+    with _translated(text, action):
+        info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound and is_remote(text):
+        _check_bucket(text)
+    return info
+
+
 def exists(location: str | os.PathLike) -> bool:
     """Whether a file or folder (S3: object or non-empty prefix) exists at ``location``; a missing
     bucket is a StorageError, not False."""
-    text = _text(location)
-    if not is_remote(text):
-        return os.path.exists(_local_path(text))
-    fs, path = filesystem(text)
-    with _translated(text, "look up"):
-        found = fs.get_file_info(path).type != pafs.FileType.NotFound
-    if not found:
-        _check_bucket(text)
-    return found
+    return _info(_text(location)).type != pafs.FileType.NotFound
 
 
 def is_dir(location: str | os.PathLike) -> bool:
     """Whether ``location`` is a folder (S3: a prefix holding objects, or the bucket itself)."""
-    text = _text(location)
-    if not is_remote(text):
-        return os.path.isdir(_local_path(text))
-    fs, path = filesystem(text)
-    with _translated(text, "look up"):
-        kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.NotFound:
-        _check_bucket(text)
-    return kind == pafs.FileType.Directory
-
-
-def _parse_http_date(value: bytes | str | None) -> int | None:
-    if not value:
-        return None
-    text = value.decode() if isinstance(value, bytes) else value
-    for parse in (
-        lambda t: datetime.datetime.fromisoformat(t.replace("Z", "+00:00")),
-        lambda t: datetime.datetime.strptime(t, "%a, %d %b %Y %H:%M:%S %Z").replace(
-            tzinfo=datetime.timezone.utc
-        ),
-    ):
-        try:
-            moment = parse(text)
-        except ValueError:
-            continue
-        return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
-    return None
-
-
-def _remote_stat(fs: pafs.FileSystem, path: str) -> FileStat:
-    """Size, Last-Modified and ETag of one object, from one HEAD request."""
-    with fs.open_input_file(path) as handle:
-        size = handle.size()
-        metadata = handle.metadata() or {}
-    raw = {(k.decode() if isinstance(k, bytes) else k).lower(): v for k, v in metadata.items()}
-    etag = raw.get("etag")
-    etag = (etag.decode() if isinstance(etag, bytes) else etag or "").strip('"') or None
-    mtime_ns = _parse_http_date(raw.get("last-modified"))
-    if mtime_ns is None:
-        mtime_ns = fs.get_file_info(path).mtime_ns
-    return FileStat(size=size, mtime_ns=mtime_ns, etag=etag)
+    return _info(_text(location)).type == pafs.FileType.Directory
 
 
 def file_info(location: str | os.PathLike) -> FileStat:
@@ -499,45 +396,51 @@ def file_info(location: str | os.PathLike) -> FileStat:
     ``location``; StorageNotFoundError when there is none (a folder is not a file)."""
     text = _text(location)
     if not is_remote(text):
-        path = _local_path(text)
-        with _translated(text, "stat"):
-            st = os.stat(path)
-        if not os.path.isfile(path):
+        info = _info(text, "stat")
+        if info.type == pafs.FileType.NotFound:
+            raise _not_found(text, "stat")
+        if info.type != pafs.FileType.File:
             raise StorageError(f"{text} is a folder, not a file")
-        return FileStat(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        return FileStat(size=info.size, mtime_ns=info.mtime_ns)
     fs, path = filesystem(text)
-    with _translated(text, "stat"):
-        try:
-            return _remote_stat(fs, path)
-        except FileNotFoundError:
-            if fs.get_file_info(path).type == pafs.FileType.Directory:
-                raise StorageError(f"{text} is a prefix (folder), not an object") from None
-            raise
+    try:
+        with _translated(text, "stat"), fs.open_input_file(path) as handle:  # one HEAD request
+            size, headers = handle.size(), handle.metadata()
+    except StorageNotFoundError:
+        if _info(text).type == pafs.FileType.Directory:
+            raise StorageError(f"{text} is a prefix (folder), not an object") from None
+        raise
+    modified = headers.get("Last-Modified")  # ISO 8601 from Arrow
+    mtime_ns = (
+        int(datetime.datetime.fromisoformat(modified.decode()).timestamp()) * 10**9 if modified else None
+    )
+    etag = headers.get("ETag", b"").decode().strip('"') or None
+    return FileStat(size=size, mtime_ns=mtime_ns, etag=etag)
 
 
-def list_files(location: str | os.PathLike, recursive: bool = True) -> list[str]:
-    """Sorted names of the files under the folder (S3: prefix) ``location``, relative to it with ``/``
-    separators; folders themselves and this module's temp files are left out. A missing folder has
-    no files (``[]``); a missing bucket is a StorageError."""
+def list_stats(location: str | os.PathLike, recursive: bool = True) -> dict[str, FileStat]:
+    """The files under the folder (S3: prefix) ``location`` -> their size and mtime (no ETag), by name
+    relative to it with ``/`` separators, sorted; folders and temp files are left out. A missing folder
+    has no files; a missing bucket is a StorageError."""
     text = _text(location)
     fs, path = filesystem(text)
-    base = path.rstrip("/")
-    if not base and not is_remote(text):
-        base = "/"
+    base = path.rstrip("/") or "/"
     with _translated(text, "list"):
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=recursive, allow_not_found=True))
     if not infos and is_remote(text):
         _check_bucket(text)
-    names = []
     prefix = base.rstrip("/") + "/"
+    found = {}
     for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        name = info.path[len(prefix) :] if info.path.startswith(prefix) else info.path
-        if posixpath.basename(name).startswith(TEMP_PREFIX):
-            continue
-        names.append(name)
-    return sorted(names)
+        name = info.path.removeprefix(prefix)
+        if info.type == pafs.FileType.File and not posixpath.basename(name).startswith(TEMP_PREFIX):
+            found[name] = FileStat(size=info.size, mtime_ns=info.mtime_ns)
+    return dict(sorted(found.items()))
+
+
+def list_files(location: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Sorted names of the files under the folder (S3: prefix) ``location`` (see :func:`list_stats`)."""
+    return list(list_stats(location, recursive))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -561,23 +464,84 @@ def read_bytes(location: str | os.PathLike) -> bytes:
         return stream.read()
 
 
+def _stream_sha256(stream) -> str:
+    digest = hashlib.sha256()
+    while block := stream.read(BLOCK_SIZE):
+        digest.update(block)
+    return digest.hexdigest()
+
+
 def sha256(location: str | os.PathLike) -> str:
     """Hex SHA-256 of the file at ``location``, streamed in 1 MiB blocks."""
     text = _text(location)
     fs, path = filesystem(text)
-    digest = hashlib.sha256()
     with _translated(text, "read"), fs.open_input_stream(path) as stream:
-        while block := stream.read(BLOCK_SIZE):
-            digest.update(block)
-    return digest.hexdigest()
+        return _stream_sha256(stream)
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(BLOCK_SIZE):
-            digest.update(block)
-    return digest.hexdigest()
+def local_copy(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local file with the content of ``location``, for readers that need one (``faiss.read_index``,
+    ``np.load(mmap_mode="r")``): a local location as it is (StorageNotFoundError if missing); an S3
+    object downloaded once per node and version into the node-local cache (one HEAD request when it is
+    there already). Readers that keep the file open or mapped :func:`node_cache.hold` it."""
+    text = _text(location)
+    if not is_remote(text):
+        file_info(text)  # missing, or a folder: a clear error
+        return Path(_local_path(text))
+    fs, path = filesystem(text)
+    name = basename(text) or "object"
+    for _ in range(3):
+        stat = file_info(text)
+
+        def fill(folder: str, stat: FileStat = stat) -> None:
+            with _translated(text, "download"):
+                _copy(path, os.path.join(folder, name), fs, _LOCAL_FS)
+            if os.path.getsize(os.path.join(folder, name)) != stat.size or not file_info(text).same_version(
+                stat
+            ):
+                raise _Changed
+
+        try:
+            version = node_cache.version_of(stat.size, stat.mtime_ns, stat.etag)
+            return node_cache.entry(f"object:{text}", version, fill, cache_dir) / name
+        except _Changed:
+            continue  # the object changed while downloading: fetch the new version
+    raise StorageError(
+        f"{text} kept changing while it was downloaded (3 tries): retry when its writer is done"
+    )
+
+
+def _copy(source: str, destination: str, source_fs: pafs.FileSystem, destination_fs: pafs.FileSystem) -> None:
+    pafs.copy_files(
+        source,
+        destination,
+        source_filesystem=source_fs,
+        destination_filesystem=destination_fs,
+        chunk_size=8 * BLOCK_SIZE,
+    )
+
+
+class _Changed(Exception):
+    """An object changed while it was downloaded."""
+
+
+def local_folder(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local folder with the files under ``location`` (e.g. a checkpoint directory): the folder itself
+    when local, else one node-local cached copy of the prefix, fetched again when any file changed."""
+    text = _text(location)
+    if not is_remote(text):
+        return Path(_local_path(text))
+    listing = list_stats(text)
+    if not listing:
+        raise _not_found(text, "copy")
+    version = node_cache.version_of(*(f"{n}:{s.size}:{s.mtime_ns}" for n, s in listing.items()))
+    fs, path = filesystem(text)
+
+    def fill(folder: str) -> None:
+        with _translated(text, "download"):
+            _copy(path, folder, fs, _LOCAL_FS)
+
+    return node_cache.entry(f"folder:{text}", version, fill, cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -593,142 +557,64 @@ def makedirs(location: str | os.PathLike) -> None:
             os.makedirs(_local_path(text), exist_ok=True)
 
 
-def _fsync_dir(folder: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def write_path_atomic(
+    location: str | os.PathLike, producer: Callable[[Path], None], checksum: bool = False
+) -> FileStat:
+    """Publish the file ``producer(path)`` creates at the temp ``path`` it is given as ``location``,
+    atomically: readers see the previous version or the complete new one; parents are created.
 
-
-def _temp_name(name: str) -> str:
-    return f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
-
-
-@contextlib.contextmanager
-def _local_temp_beside(path: str) -> Iterator[str]:
-    """A temp path in the folder of ``path`` (created), removed unless it was renamed away."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, _temp_name(os.path.basename(path)))
-    try:
-        yield tmp
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _publish_local(tmp: str, path: str, checksum: bool) -> FileStat:
-    """fsync ``tmp``, hash it if asked, rename it onto ``path`` and fsync the folder."""
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    digest = _file_sha256(tmp) if checksum else None
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-    st = os.stat(path)
-    return FileStat(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
-
-
-def _upload_complete_file(local_file: str, location: str, checksum: bool) -> FileStat:
-    """Upload a complete local file as the object ``location``: one upload that becomes visible only
-    when complete. The copy runs in Arrow's C++ (no Python code runs while the S3 stream is open, so
-    no Python exception can close it half-written)."""
-    fs, path = filesystem(location)
-    digest = _file_sha256(local_file) if checksum else None
-    with _translated(location, "write"):
-        pafs.copy_files(
-            local_file,
-            path,
-            source_filesystem=_LOCAL_FS,
-            destination_filesystem=fs,
-            chunk_size=8 * BLOCK_SIZE,
-        )
-    with _translated(location, "stat"):
-        stat = _remote_stat(fs, path)
-    return FileStat(stat.size, stat.mtime_ns, stat.etag, digest)
-
-
-@contextlib.contextmanager
-def _spool_file(location: str) -> Iterator[str]:
-    """A node-local temp path (under ``cache_root()/tmp``) for the output of a writer of a remote
-    location, removed at the end."""
-    folder = os.path.join(cache_root(), "tmp")
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, _temp_name(basename(location) or "object"))
-    try:
-        yield tmp
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def write_bytes_atomic(location: str | os.PathLike, data: bytes, checksum: bool = False) -> FileStat:
-    """Write ``data`` as the file at ``location`` atomically (readers see the old or the new content);
-    parents are created. Returns the new file's FileStat (with its sha256 when ``checksum``)."""
+    Local: a hidden temp file in the target's folder, fsynced and renamed over it. S3: a temp file in
+    the node-local cache's spool, uploaded in one piece (visible only when complete). If ``producer``
+    raises or creates no file, nothing is published and no temp file is left. Returns the FileStat
+    (with the sha256 when ``checksum``)."""
     text = _text(location)
-    data = bytes(data)
-    digest = hashlib.sha256(data).hexdigest() if checksum else None
-    if not is_remote(text):
-        path = _local_path(text)
-        with _translated(text, "write"), _local_temp_beside(path) as tmp:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-            stat = _publish_local(tmp, path, checksum=False)
-        return FileStat(stat.size, stat.mtime_ns, None, digest)
-    fs, path = filesystem(text)
-    # One write call of the whole buffer then close: the upload is complete or fails as a whole.
-    with _translated(text, "write"), fs.open_output_stream(path) as out:
-        out.write(data)
-    with _translated(text, "stat"):
-        stat = _remote_stat(fs, path)
-    return FileStat(stat.size, stat.mtime_ns, stat.etag, digest)
+    remote = is_remote(text)
+    if remote:
+        _check_bucket(text)  # before a long write, not after it
+        folder = node_cache.temp_folder()
+    else:
+        folder = os.path.dirname(_local_path(text))
+        with _translated(text, "write"):
+            os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{basename(text) or 'object'}")
+    try:
+        producer(Path(tmp))
+        if not os.path.isfile(tmp):
+            raise StorageError(f"the writer of {text} created no file at the path it was given")
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+            digest = _stream_sha256(handle) if checksum else None
+        fs, path = filesystem(text)
+        with _translated(text, "write"):
+            if remote:  # Arrow's C++ copies while the S3 stream is open: no Python exception can cut it
+                _copy(tmp, path, _LOCAL_FS, fs)
+            else:
+                os.replace(tmp, path)
+                fd = os.open(folder, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+        return dataclasses.replace(file_info(text), sha256=digest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def write_file_atomic(
     location: str | os.PathLike, writer: Callable[[IO[bytes]], None], checksum: bool = False
 ) -> FileStat:
-    """Write the file at ``location`` atomically with ``writer(file)``, which writes binary data into
-    the (seekable, real) file it is given: ``np.save``, ``pyarrow.parquet.write_table``,
-    ``handle.write``...
+    """:func:`write_path_atomic` for serialisers that write into an open binary file: ``writer(file)``
+    (``np.save``, ``pyarrow.parquet.write_table``, ``handle.write``...)."""
 
-    If ``writer`` raises, nothing is published: the previous version (if any) stays, and no temp file
-    or object is left. Local: a hidden temp file in the same folder, fsynced and renamed. S3: the
-    output is spooled to a node-local temp file, then uploaded in one piece. Returns the FileStat."""
-    text = _text(location)
-    if not is_remote(text):
-        path = _local_path(text)
-        with _translated(text, "write"), _local_temp_beside(path) as tmp:
-            with open(tmp, "wb") as handle:
-                writer(handle)
-            return _publish_local(tmp, path, checksum)
-    _check_bucket(text)  # before a long write, not after it
-    with _spool_file(text) as tmp:
-        with open(tmp, "wb") as handle:
+    def produce(path: Path) -> None:
+        with open(path, "wb") as handle:
             writer(handle)
-        return _upload_complete_file(tmp, text, checksum)
+
+    return write_path_atomic(location, produce, checksum)
 
 
-def write_path_atomic(
-    location: str | os.PathLike, producer: Callable[[Path], None], checksum: bool = False
-) -> FileStat:
-    """Like :func:`write_file_atomic` for serialisers that want a file name
-    (``faiss.write_index(index, str(path))``): ``producer(path)`` must create the file at the local
-    temp ``path`` it is given, which is then published atomically at ``location``."""
-    text = _text(location)
-    if not is_remote(text):
-        path = _local_path(text)
-        with _translated(text, "write"), _local_temp_beside(path) as tmp:
-            producer(Path(tmp))
-            if not os.path.isfile(tmp):
-                raise StorageError(f"the writer of {text} created no file at the path it was given")
-            return _publish_local(tmp, path, checksum)
-    _check_bucket(text)
-    with _spool_file(text) as tmp:
-        producer(Path(tmp))
-        if not os.path.isfile(tmp):
-            raise StorageError(f"the writer of {text} created no file at the path it was given")
-        return _upload_complete_file(tmp, text, checksum)
+def write_bytes_atomic(location: str | os.PathLike, data: bytes, checksum: bool = False) -> FileStat:
+    """Write ``data`` as the file at ``location`` atomically (:func:`write_path_atomic`)."""
+    return write_file_atomic(location, lambda handle: handle.write(bytes(data)), checksum)
 
 
 def upload(local_path: str | os.PathLike, location: str | os.PathLike, checksum: bool = False) -> FileStat:
@@ -736,13 +622,17 @@ def upload(local_path: str | os.PathLike, location: str | os.PathLike, checksum:
     source = _local_path(local_path)
     if not os.path.isfile(source):
         raise _not_found(os.fspath(local_path), "upload")
-    text = _text(location)
-    if is_remote(text):
-        return _upload_complete_file(source, text, checksum)
-    path = _local_path(text)
-    with _translated(text, "write"), _local_temp_beside(path) as tmp:
-        shutil.copyfile(source, tmp)
-        return _publish_local(tmp, path, checksum)
+    return write_path_atomic(location, lambda tmp: shutil.copyfile(source, tmp), checksum)
+
+
+def copy_tree(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copy every file under the folder ``source`` to the folder ``destination`` (any locations; e.g.
+    a database into another work dir). Not atomic as a whole: delete ``destination`` after a failure."""
+    source_fs, source_path = filesystem(source)
+    destination_fs, destination_path = filesystem(destination)
+    makedirs(destination)
+    with _translated(_text(source), "copy"):
+        _copy(source_path, destination_path, source_fs, destination_fs)
 
 
 def delete(location: str | os.PathLike, missing_ok: bool = True) -> None:
@@ -766,101 +656,5 @@ def delete_tree(location: str | os.PathLike) -> None:
         raise StorageError(f"refusing to delete the whole bucket {text}: name a prefix inside it")
     if not is_remote(text) and os.path.dirname(path) == path:
         raise StorageError(f"refusing to delete the root folder {text}")
-    try:
-        with _translated(text, "delete"):
-            fs.delete_dir(path)
-    except StorageNotFoundError:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------------
-# Node-local cache of remote files
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> str:
-    """The node-local cache folder: ``cache_dir``, else ``$RETRO_CACHE_DIR``, else
-    ``~/.cache/retro-platform/storage``."""
-    chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
-    return os.path.abspath(os.path.expanduser(os.fspath(chosen)))
-
-
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """An exclusive advisory lock (flock) shared by the processes of this node."""
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def local_copy(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local file with the content of ``location``, for readers that need one (``faiss.read_index``,
-    ``np.load(mmap_mode="r")``).
-
-    A local location is returned as is (StorageNotFoundError if missing). An S3 object is downloaded
-    once per node into :func:`cache_root` under a name made of the URI and the object's size,
-    Last-Modified and ETag: a changed object is fetched again (older versions are then removed), an
-    unchanged one costs one HEAD request. Downloads go to a temp file renamed into place under a lock,
-    so concurrent processes of the node never see a partial file and download it only once."""
-    text = _text(location)
-    if not is_remote(text):
-        path = _local_path(text)
-        if not os.path.isfile(path):
-            if os.path.isdir(path):
-                raise StorageError(f"{text} is a folder, not a file")
-            raise _not_found(text, "read")
-        return Path(path)
-    fs, path = filesystem(text)
-    name = basename(text) or "object"
-    uri_key = hashlib.sha256(text.encode()).hexdigest()
-    object_dir = os.path.join(cache_root(cache_dir), "objects", uri_key[:2], uri_key)
-    for _ in range(3):
-        stat = file_info(text)
-        version = hashlib.sha256(f"{stat.size}:{stat.mtime_ns}:{stat.etag}".encode()).hexdigest()[:16]
-        target = os.path.join(object_dir, version, name)
-        if _cached(target, stat.size):
-            return Path(target)
-        os.makedirs(os.path.join(object_dir, version), exist_ok=True)
-        with _file_lock(os.path.join(object_dir, ".lock")):
-            if _cached(target, stat.size):
-                return Path(target)
-            tmp = os.path.join(object_dir, version, _temp_name(name))
-            try:
-                with _translated(text, "download"):
-                    pafs.copy_files(
-                        path,
-                        tmp,
-                        source_filesystem=fs,
-                        destination_filesystem=_LOCAL_FS,
-                        chunk_size=8 * BLOCK_SIZE,
-                    )
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                if os.path.getsize(tmp) != stat.size or not file_info(text).same_version(stat):
-                    continue  # the object changed while downloading: fetch the new version
-                os.replace(tmp, target)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            _remove_other_versions(object_dir, keep=version)
-        return Path(target)
-    raise StorageError(
-        f"{text} kept changing while it was downloaded (3 attempts): retry when its writer is done"
-    )
-
-
-def _cached(target: str, size: int) -> bool:
-    try:
-        return os.path.getsize(target) == size
-    except OSError:
-        return False
-
-
-def _remove_other_versions(object_dir: str, keep: str) -> None:
-    """Best effort: drop cached versions other than ``keep`` (open files and mmaps of them stay valid)."""
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(object_dir):
-            if entry.is_dir(follow_symlinks=False) and entry.name != keep:
-                shutil.rmtree(entry.path, ignore_errors=True)
+    with contextlib.suppress(StorageNotFoundError), _translated(text, "delete"):
+        fs.delete_dir(path)

@@ -109,3 +109,20 @@ def test_every_stage_of_a_preset_has_a_node_type_of_cluster_yaml(preset):
 
 def test_gpu_preset_work_dir_is_on_the_shared_mount():
     assert load_config("gpu-125m").work_dir.startswith("/mnt/shared/")
+
+
+def test_every_node_type_has_an_instance_profile_and_nothing_lives_only_on_the_head():
+    """Credentials come from each node's instance profile (never keys in an environment), the EFS id is
+    the one placeholder, and MLflow keeps its store on EFS and its artifacts in the cluster's bucket."""
+    raw = _cluster()
+    for name, node_type in raw["available_node_types"].items():
+        assert node_type["node_config"].get("IamInstanceProfile", {}).get("Name"), name
+    text = (ROOT / "cluster.yaml").read_text()
+    assert not re.search(r"AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN)\s*[=:]", text)
+    placeholders = {
+        line.strip() for line in text.splitlines() if "fs-CHANGE" in line and not line.strip().startswith("#")
+    }
+    assert placeholders == {"EFS_ID=fs-CHANGE"}
+    (server,) = [c for c in raw["head_setup_commands"] if "mlflow server" in c]
+    assert "--backend-store-uri sqlite:////mnt/shared/" in server
+    assert "--artifacts-destination s3://" in server

@@ -216,3 +216,41 @@ def test_excluded_ids_are_left_out_uncounted_must_exist_and_the_build_reader_agr
     for bad, message in (([""], "non-empty"), (["a", "a"], r"lists \['a'\] more than once"), ("a", "a list")):
         with pytest.raises(ConfigError, match=f"database.corpus.exclude_ids: .*{message}"):
             CorpusConfig(exclude_ids=bad)
+
+
+def test_a_corpus_on_object_storage_reads_like_the_same_files_locally(tmp_path, s3_bucket):
+    """A folder of JSON Lines, Parquet and text files as an s3:// prefix, and a glob of some of them: the
+    same documents in the same order as locally, read in the same pieces (byte ranges, row groups),
+    with the same digest; errors name the object and line."""
+    from retro_platform import storage
+    from retro_platform.db.corpus import corpus_pieces
+
+    local = tmp_path / "corpus"
+    (local / "notes").mkdir(parents=True)
+    lines = [json.dumps({"id": f"j{i}", "text": f"line {i} " + "y" * (i % 5)}) for i in range(30)]
+    (local / "a.jsonl").write_text("\n".join(lines) + "\n")
+    table = pa.table({"id": [f"p{i}" for i in range(12)], "text": [f"row {i}" for i in range(12)]})
+    pq.write_table(table, local / "b.parquet", row_group_size=4)
+    (local / "notes" / "n1.txt").write_text("first note")
+    (local / "notes" / "n2.md").write_text("second note")
+    (local / "skip.bin").write_bytes(b"\0")  # neither a corpus file nor a text document
+    remote = f"{s3_bucket}/corpus"
+    storage.copy_tree(local, remote)
+    for pattern in ("", "*.jsonl", "notes/*"):
+        here, there = (str(local / pattern), f"{remote}/{pattern}") if pattern else (str(local), remote)
+        expected = read_documents(here, use_ray=False, piece_bytes=60)
+        docs = read_documents(there, use_ray=False, piece_bytes=60)
+        assert [(d["id"], d["text"], d["title"]) for d in docs] == [
+            (d["id"], d["text"], d["title"]) for d in expected
+        ]
+        assert docs and all(d["where"].startswith(remote) for d in docs)
+        assert len(corpus_pieces(there, 60)) == len(corpus_pieces(here, 60))
+        assert corpus_digest(there, 60) == corpus_digest(here, 60)
+    assert len(read_documents(remote, use_ray=False)) == 30 + 12 + 2
+    storage.write_bytes_atomic(f"{remote}/a.jsonl", ("\n".join(lines[:7]) + '\n{"id": \n').encode())
+    with pytest.raises(CorpusError, match=r"corpus/a\.jsonl, line 8: malformed JSON"):
+        read_documents(remote, use_ray=False, piece_bytes=60)
+    with pytest.raises(CorpusError, match="matches no file"):
+        read_documents(f"{remote}/*.csv", use_ray=False)
+    with pytest.raises(CorpusError, match="does not exist"):
+        read_documents(f"{s3_bucket}/missing", use_ray=False)

@@ -17,7 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "base",
-        {"retro_platform", "errors", "typed", "output", "storage", "config", "ray_utils", "overlap"},
+        {
+            "retro_platform",
+            "errors",
+            "typed",
+            "output",
+            "storage",
+            "node_cache",
+            "config",
+            "ray_utils",
+            "overlap",
+        },
     ),
     ("database", {"db"}),
     ("pool, checkpoints, tracking", {"neighbors", "checkpoints", "tracking"}),

@@ -1,5 +1,8 @@
-"""The debug pipeline on object storage: build -> train -> eval -> add-docs -> generate with every output
-in an ``s3://`` bucket of a real S3-compatible server (moto's standalone server on 127.0.0.1).
+"""The debug pipeline on object storage: build -> train -> eval -> add-docs -> generate with every input
+and output in an ``s3://`` bucket of a real S3-compatible server (moto's standalone server on 127.0.0.1):
+the corpus (the debug preset's Wikipedia summaries as JSON Lines objects, read through a glob), the
+documents `retro add-docs` adds, the database, checkpoints and MLflow artifacts. The database it builds
+is byte for byte the one the same documents give locally.
 
 Each step is the `retro` command a user runs, with ``work_dir=s3://<bucket>/work`` and its own local Ray
 (so its workers get the AWS variables through the platform's runtime env, as on a cluster). Only the
@@ -9,6 +12,7 @@ server) and the node-local cache (``RETRO_CACHE_DIR``) may be written locally.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from retro_platform import storage
+from retro_platform.db.corpus import WIKIPEDIA, read_documents
 from retro_platform.db.manifest import validate_database
 
 RETRO = str(Path(sys.executable).with_name("retro"))
@@ -27,13 +32,24 @@ NEW_DOCUMENT = (
 
 
 @pytest.mark.slow
-def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(s3_server, s3_bucket, tmp_path):
+def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(
+    s3_server, s3_bucket, tmp_path, debug_db
+):
     work = f"{s3_bucket}/work"
     local = tmp_path / "local"
     local.mkdir()
-    documents = tmp_path / "inputs" / "new.jsonl"
-    documents.parent.mkdir()
-    documents.write_text(NEW_DOCUMENT)
+    documents = f"{s3_bucket}/inputs/new.jsonl"
+    storage.write_bytes_atomic(documents, NEW_DOCUMENT.encode())
+    # the packaged corpus as two JSON Lines objects, in its order
+    lines = [
+        json.dumps({"id": d["id"], "text": d["text"], "title": d["title"]})
+        for d in read_documents(WIKIPEDIA, use_ray=False)
+    ]
+    half = len(lines) // 2
+    for part, chunk in enumerate((lines[:half], lines[half:])):
+        storage.write_bytes_atomic(
+            f"{s3_bucket}/corpus/part-{part}.jsonl", ("\n".join(chunk) + "\n").encode()
+        )
     env = {
         **os.environ,
         **s3_server.env(),
@@ -45,6 +61,8 @@ def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(s3_server
         "debug",
         "--set",
         f"work_dir={work}",
+        "--set",
+        f"database.corpus.source={s3_bucket}/corpus/part-*.jsonl",
         "--set",
         f"tracking.uri=sqlite:///{local / 'mlflow.db'}",
         "--set",
@@ -61,7 +79,7 @@ def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(s3_server
         ["build-db"],
         ["train"],
         ["eval"],
-        ["add-docs", str(documents)],
+        ["add-docs", documents],
         ["generate", "--prompt", "The Zorblax engine"],
     ):
         result = subprocess.run(
@@ -69,6 +87,16 @@ def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(s3_server
         )
         assert result.returncode == 0, f"retro {step[0]}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         outputs[step[0]] = result.stdout
+        if step[0] == "build-db":  # the same database as the local build of the same documents
+            built, expected = f"{work}/db", str(debug_db[0].db_path)
+            names = storage.list_files(built)
+            assert names == storage.list_files(expected)
+            differ = [
+                n
+                for n in names
+                if storage.read_bytes(f"{built}/{n}") != storage.read_bytes(f"{expected}/{n}")
+            ]
+            assert differ == ["manifest.json"]
 
     # everything the pipeline made is in the bucket
     names = storage.list_files(work)

@@ -206,7 +206,7 @@ def test_local_copy(root, cache_dir):
     np.testing.assert_array_equal(np.load(changed), np.arange(5) + 7)
     assert not path.exists()  # the old version was dropped from the cache
     cached = [name for _, _, files in os.walk(cache_dir / "objects") for name in files]
-    assert sorted(cached) == [".lock", "arr.npy"]  # no temp file left
+    assert sorted(cached) == [".lock", ".lock", "arr.npy"]  # the key's fill lock, the entry's; no temp file
 
 
 def test_local_copy_concurrent_downloads_once(s3_bucket, cache_dir, monkeypatch):
@@ -332,6 +332,9 @@ def test_unreachable_endpoint(s3_server, monkeypatch):
     dead = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
+    monkeypatch.setenv(
+        storage.MAX_ATTEMPTS_ENV, "1"
+    )  # the default 6 tries wait ~14 s (tests/test_node_cache.py)
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint") as info:
         storage.read_bytes("s3://bucket/x")
     assert "AWS_ENDPOINT_URL" in str(info.value) and dead in str(info.value)

@@ -347,13 +347,13 @@ def test_store_reads_chunk_arrays_else_a_node_local_copy_of_the_chunk_store(
     np.testing.assert_array_equal(store.doc_ids(everything), chunk_docs)
     assert tokens[0].tolist() == [token_of(0, i) for i in range(M)]
     assert [store.array_sources(i)[0] for i in range(len(store.shards))] == ["parquet"] * 3
-    cached = sorted(p.name for p in (tmp_path / "cache" / "chunk-arrays").rglob("*.npy"))
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.npy"))
     assert cached == ["doc_ids.npy"] * 3 + ["tokens.npy"] * 3
     assert all(isinstance(a, np.memmap) for pair in store._arrays.values() for a in pair)
     # a store opened later maps the same node-local arrays (no second copy)
     again = ChunkStore(db)
     np.testing.assert_array_equal(again.tokens(everything), tokens)
-    assert sorted(p.name for p in (tmp_path / "cache" / "chunk-arrays").rglob("*.npy")) == cached
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.npy")) == cached
     # the shard's own arrays are preferred when they exist
     start, end, _, _ = store.shards[1]
     save_npy_atomic(tokens[start:end], layout.chunk_tokens("train", 1))

@@ -7,12 +7,11 @@ A second table, when runs have been through `retro eval`, shows their bits per b
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from retro_platform import tracking
+from retro_platform import storage, tracking
 from retro_platform.config import PlatformConfig
 from retro_platform.errors import RetroError
 from retro_platform.overlap import BUCKETS
@@ -108,8 +107,8 @@ def format_overlap_table(rows: list[dict]) -> str | None:
     )
 
 
-def plot_curves(rows: list[dict], path: Path) -> Path:
-    """Train-loss and valid-bpb curves of every run in one PNG."""
+def plot_curves(rows: list[dict], location: str) -> str:
+    """Train-loss and valid-bpb curves of every run in one PNG at ``location`` (any storage location)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,10 +126,11 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        storage.write_path_atomic(location, lambda path: fig.savefig(path, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+    return location
 
 
 def compare_experiment(
@@ -145,7 +145,7 @@ def compare_experiment(
         table += "\n\nvalid bits per byte by overlap of each chunk with its retrieved neighbours\n" + overlap
     print(table)
     png = plot_curves(
-        rows, Path(config.work_dir) / "compare" / f"{experiment or config.tracking.experiment}.png"
+        rows, storage.join(str(config.work_dir), "compare", f"{experiment or config.tracking.experiment}.png")
     )
     print(f"\ncurves: {png}")
     with tracking.start_run(config, stage="compare", run_name=f"compare-{comparison or 'all'}"):

@@ -19,10 +19,8 @@ import difflib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from retro_platform import storage
 from retro_platform.commands.build_db import build_database
@@ -207,7 +205,7 @@ def check_demo(config: PlatformConfig) -> tuple[PlatformConfig, dict[str, str] |
             f"{config.model.max_seq_len}; lower generate.max_new_tokens"
         )
     _, files = corpus_files(corpus.source)
-    unreadable = [str(f) for f in files if not os.access(f, os.R_OK)]
+    unreadable = [f for _, f in files if not storage.is_remote(f) and not os.access(f, os.R_OK)]
     if unreadable:
         raise CorpusError(
             f"corpus {corpus.source}: cannot read {unreadable[:3]}; give this user read access "
@@ -316,10 +314,9 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
     n_new = config.generate.max_new_tokens
     tokenizer = load_tokenizer(config.db_path)
     doc = unseen_document(config, tokenizer, update_tokens(config))
-    copy = Path(config.work_dir) / "knowledge-update" / "db"
-    if copy.exists():
-        shutil.rmtree(copy)
-    shutil.copytree(config.db_path, copy)
+    copy = storage.join(str(config.work_dir), "knowledge-update", "db")
+    storage.delete_tree(copy)
+    storage.copy_tree(str(config.db_path), copy)
     updated = dataclasses.replace(
         config,
         database=dataclasses.replace(config.database, path=str(copy)),
@@ -332,9 +329,9 @@ def knowledge_update(config: PlatformConfig, model) -> dict:
     pool = NeighborPool.start(updated)
     try:
         before, _ = complete(updated, model, pool, prompt, prompt_ids=ids[:m])
-        new_docs = copy.parent / "article.jsonl"
-        new_docs.write_text(json.dumps(doc) + "\n")
-        pool.refresh(updated, add_documents(updated, [str(new_docs)]))
+        new_docs = storage.join(storage.parent(copy), "article.jsonl")
+        storage.write_bytes_atomic(new_docs, (json.dumps(doc) + "\n").encode())
+        pool.refresh(updated, add_documents(updated, [new_docs]))
         after, used = complete(updated, model, pool, prompt, prompt_ids=ids[:m])
         windows = prompt_windows(updated, model, pool, tokenizer, ids[:m])
     finally:

@@ -57,14 +57,18 @@ MAX_CONFLICTS = 5
 
 
 def input_pieces(files: list[str], piece_bytes: int) -> list[Piece]:
-    """The corpus pieces of every given file or folder, numbered in the order given (so errors and the
-    new documents' order follow the files as given, then their lines/rows/names)."""
+    """The corpus pieces of every given file, folder or glob (local or ``s3://``), numbered in the order
+    given (so errors and the new documents' order follow the files as given, then their lines/rows/names)."""
     pieces: list[Piece] = []
     for name in files:
-        path = Path(name).expanduser().absolute()  # Ray workers run in another working directory
-        if not path.exists():
-            raise CorpusError(f"{path} does not exist; give .jsonl or .parquet files, or folders of .txt/.md")
-        for piece in corpus_pieces(str(path), piece_bytes):
+        # absolute: Ray workers run in another working directory
+        path = name if storage.is_remote(name) else str(Path(name).expanduser().absolute())
+        if not any(char in path for char in "*?[") and not storage.exists(path):
+            raise CorpusError(
+                f"{path} does not exist; give .jsonl or .parquet files, folders of .txt/.md, or globs, "
+                "local or s3://"
+            )
+        for piece in corpus_pieces(path, piece_bytes):
             pieces.append(dataclasses.replace(piece, index=len(pieces)))
     return pieces
 

@@ -13,11 +13,13 @@ database build does the same work streaming across the cluster (``retro_platform
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import importlib.util
 import io
 import json
 import logging
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from retro_platform import storage
 from retro_platform.config import CorpusConfig
-from retro_platform.errors import CorpusError
+from retro_platform.errors import CorpusError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -144,24 +147,46 @@ def parse_wikipedia(source: str, data: bytes) -> list[dict[str, str]]:
     return docs
 
 
-def corpus_files(source: str) -> tuple[str, list[Path]]:
-    """(kind, files) of a corpus source: kind in {jsonl, parquet, text, wikipedia}."""
+CORPUS_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+"""File suffixes of JSON Lines and Parquet corpus files (a folder's .txt/.md files are text documents)."""
+
+
+def _kind(location: str) -> str | None:
+    suffix = posixpath.splitext(location)[1].lower()
+    return "text" if suffix in TEXT_SUFFIXES else CORPUS_SUFFIXES.get(suffix)
+
+
+def corpus_files(source: str) -> tuple[str, list[tuple[str, str]]]:
+    """(root, [(kind, location)]) of a corpus source, files sorted; kind in {jsonl, parquet, text,
+    wikipedia}. A source is ``wikipedia``, a JSON Lines or Parquet file, a folder of them and/or of
+    .txt/.md documents, or a glob of files (``s3://bucket/corpus/part-*.jsonl``), each local or on
+    object storage; text documents' ids are their paths relative to ``root``."""
     if source == WIKIPEDIA:
-        return WIKIPEDIA, [wikipedia_summaries_path()]
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise CorpusError(f"corpus {path} does not exist (database.corpus.source: 'wikipedia' or a path)")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-        if not files:
-            raise CorpusError(f"corpus folder {path} holds no .txt or .md files")
-        return "text", files
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl", [path]
-    if suffix == ".parquet":
-        return "parquet", [path]
-    raise CorpusError(f"corpus file {path} has an unknown type; use .jsonl, .parquet or a folder of .txt/.md")
+        path = str(wikipedia_summaries_path())
+        return posixpath.dirname(path), [(WIKIPEDIA, path)]
+    location = source if storage.is_remote(source) else str(Path(source).expanduser().absolute())
+    setting = "database.corpus.source: 'wikipedia', a file, a folder or a glob, local or s3://"
+    if any(char in location for char in "*?["):
+        root = location[: min(location.index(c) for c in "*?[" if c in location)].rpartition("/")[0]
+        names = [n for n in storage.list_files(root) if fnmatch.fnmatchcase(storage.join(root, n), location)]
+        if not names:
+            raise CorpusError(f"corpus {source} matches no file ({setting})")
+    elif storage.is_dir(location):
+        root, names = location, storage.list_files(location)
+    elif storage.exists(location):
+        root, names = storage.parent(location), [storage.basename(location)]
+        if _kind(location) in (None, "text"):
+            raise CorpusError(
+                f"corpus file {location} has an unknown type; use .jsonl, .parquet or a folder of .txt/.md"
+            )
+    else:
+        raise CorpusError(f"corpus {location} does not exist ({setting})")
+    files = [(_kind(name), storage.join(root, name)) for name in names if _kind(name)]
+    if not files:
+        raise CorpusError(
+            f"corpus folder {location} holds no .txt or .md files, nor .jsonl or .parquet files"
+        )
+    return root, files
 
 
 @dataclass(frozen=True)
@@ -175,9 +200,9 @@ class Piece:
     kind: str
     """jsonl, parquet, text or wikipedia."""
     root: str
-    """The corpus folder (text file ids are paths relative to it)."""
+    """The corpus folder (text file ids are paths relative to it), local or a URI."""
     paths: tuple[str, ...]
-    """The file (or text files) it reads."""
+    """The file (or text files) it reads, local paths or URIs."""
     start: int = 0
     """jsonl: first byte (the piece begins at the first line starting at or after it); parquet: first row group."""
     end: int = -1
@@ -208,55 +233,80 @@ def number_lines(pieces: list[Piece], line_counts: list[int]) -> list[Piece]:
 def corpus_pieces(source: str, piece_bytes: int = 64 << 20) -> list[Piece]:
     """Split a corpus into reader pieces of about ``piece_bytes`` each (from file sizes and Parquet
     footers only), so big files are read by several tasks and small text files in groups."""
-    kind, files = corpus_files(source)
-    root = Path(source).expanduser()
-    root = str(root if root.is_dir() else root.parent)
+    root, files = corpus_files(source)
+    sizes = _sizes(root, [location for _, location in files])
     pieces: list[Piece] = []
+    batch: list[str] = []
+    batch_bytes = 0
 
-    def add(paths: tuple[str, ...], start: int = 0, end: int = -1) -> None:
+    def add(kind: str, paths: tuple[str, ...], start: int = 0, end: int = -1) -> None:
         pieces.append(Piece(len(pieces), kind, root, paths, start, end))
 
-    if kind == WIKIPEDIA:
-        add((str(files[0]),))
-    elif kind == "jsonl":
-        size = files[0].stat().st_size
-        starts = list(range(0, max(size, 1), max(1, piece_bytes)))
-        for i, start in enumerate(starts):
-            add((str(files[0]),), start, starts[i + 1] if i + 1 < len(starts) else -1)
-    elif kind == "parquet":
-        try:
-            meta = pq.ParquetFile(files[0]).metadata
-        except Exception as exc:  # pyarrow raises several types for damaged files
-            raise CorpusError(f"{files[0]}: not a readable Parquet file ({exc})") from None
-        group_start, group_bytes = 0, 0
-        for group in range(meta.num_row_groups):
-            group_bytes += meta.row_group(group).total_byte_size
-            if group_bytes >= piece_bytes:
-                add((str(files[0]),), group_start, group + 1)
-                group_start, group_bytes = group + 1, 0
-        if group_start < meta.num_row_groups or not pieces:
-            add((str(files[0]),), group_start, meta.num_row_groups)
-    else:
-        batch: list[str] = []
-        batch_bytes = 0
-        for path in files:
-            batch.append(str(path))
-            batch_bytes += path.stat().st_size
-            if batch_bytes >= piece_bytes or len(batch) >= 1024:
-                add(tuple(batch))
-                batch, batch_bytes = [], 0
-        if batch:
-            add(tuple(batch))
+    for kind, location in files:
+        if batch and (kind != "text" or batch_bytes >= piece_bytes or len(batch) >= 1024):
+            add("text", tuple(batch))
+            batch, batch_bytes = [], 0
+        if kind == "text":
+            batch.append(location)
+            batch_bytes += sizes[location]
+        elif kind == "jsonl":
+            starts = list(range(0, max(sizes[location], 1), max(1, piece_bytes)))
+            for i, start in enumerate(starts):
+                add(kind, (location,), start, starts[i + 1] if i + 1 < len(starts) else -1)
+        elif kind == "parquet":
+            meta = _parquet(location).metadata
+            group_start, group_bytes, first = 0, 0, len(pieces)
+            for group in range(meta.num_row_groups):
+                group_bytes += meta.row_group(group).total_byte_size
+                if group_bytes >= piece_bytes:
+                    add(kind, (location,), group_start, group + 1)
+                    group_start, group_bytes = group + 1, 0
+            if group_start < meta.num_row_groups or len(pieces) == first:
+                add(kind, (location,), group_start, meta.num_row_groups)
+        else:
+            add(kind, (location,))
+    if batch:
+        add("text", tuple(batch))
     return pieces
+
+
+def _sizes(root: str, locations: list[str]) -> dict[str, int]:
+    """Bytes of each file: one listing of ``root`` (one request on object storage) when it holds them."""
+    if len(locations) > 1 and storage.is_remote(root):
+        listed = {storage.join(root, name): stat.size for name, stat in storage.list_stats(root).items()}
+        if all(location in listed for location in locations):
+            return {location: listed[location] for location in locations}
+    return {location: storage.file_info(location).size for location in locations}
+
+
+def _parquet(location: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(storage.open_input(location))
+    except StorageError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise CorpusError(f"{location}: not a readable Parquet file ({exc})") from None
+
+
+def _to_newline(f) -> bytes:
+    """The bytes of a file from its position up to and including the next newline (or the end)."""
+    out = b""
+    while block := f.read(1 << 16):
+        cut = block.find(b"\n")
+        if cut >= 0:
+            f.seek(f.tell() - len(block) + cut + 1)
+            return out + block[: cut + 1]
+        out += block
+    return out
 
 
 def _jsonl_range(path: str, start: int, end: int) -> tuple[bytes, int]:
     """The whole lines of a JSON Lines file that start in [start, end) -> (bytes, offset of the first)."""
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         if start > 0:
             f.seek(start - 1)
             if f.read(1) != b"\n":
-                f.readline()  # the line under way at ``start`` belongs to the piece before
+                _to_newline(f)  # the line under way at ``start`` belongs to the piece before
         first = f.tell()
         if end < 0:
             return f.read(), first
@@ -264,7 +314,7 @@ def _jsonl_range(path: str, start: int, end: int) -> tuple[bytes, int]:
             return b"", first
         data = f.read(end - first)
         if data and not data.endswith(b"\n"):
-            data += f.readline()  # finish the last line that starts before ``end``
+            data += _to_newline(f)  # finish the last line that starts before ``end``
         return data, first
 
 
@@ -274,7 +324,6 @@ def parse_piece(piece: Piece) -> tuple[list[dict[str, str]], str]:
     Errors name the file and the line (counted from the start of the file once ``number_lines`` set the
     piece's ``line_offset``), row or entry."""
     digest = hashlib.sha256(piece.kind.encode())
-    root = Path(piece.root)
     if piece.kind == "jsonl":
         path = piece.paths[0]
         data, _ = _jsonl_range(path, piece.start, piece.end)
@@ -282,13 +331,13 @@ def parse_piece(piece: Piece) -> tuple[list[dict[str, str]], str]:
         return parse_jsonl(path, data, piece.line_offset), digest.hexdigest()
     if piece.kind == "parquet":
         path = piece.paths[0]
+        file = _parquet(path)
         try:
-            file = pq.ParquetFile(path)
             table = file.read_row_groups(list(range(piece.start, piece.end)))
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from None
         first_row = sum(file.metadata.row_group(g).num_rows for g in range(piece.start))
-        with open(path, "rb") as f:  # the bytes of the piece's row groups, as stored
+        with storage.open_input(path) as f:  # the bytes of the piece's row groups, as stored
             for group in range(piece.start, piece.end):
                 meta = file.metadata.row_group(group)
                 for column in range(meta.num_columns):
@@ -298,21 +347,14 @@ def parse_piece(piece: Piece) -> tuple[list[dict[str, str]], str]:
         return _parquet_documents(path, table, first_row), digest.hexdigest()
     docs = []
     for path in piece.paths:
-        data = Path(path).read_bytes()
-        name = Path(path).name if piece.kind == WIKIPEDIA else str(Path(path).relative_to(root))
+        data = storage.read_bytes(path)
+        name = storage.basename(path) if piece.kind == WIKIPEDIA else path[len(piece.root) :].lstrip("/")
         digest.update(name.encode() + b"\0" + data)
-        docs += _parse_file(piece.kind, root, Path(path), data)
+        if piece.kind == WIKIPEDIA:
+            docs += parse_wikipedia(path, data)
+        else:
+            docs += parse_text_file(path, data, name)
     return docs, digest.hexdigest()
-
-
-def _parse_file(kind: str, root: Path, path: Path, data: bytes) -> list[dict[str, str]]:
-    if kind == WIKIPEDIA:
-        return parse_wikipedia(str(path), data)
-    if kind == "jsonl":
-        return parse_jsonl(str(path), data)
-    if kind == "parquet":
-        return parse_parquet(str(path), data)
-    return parse_text_file(str(path), data, str(path.relative_to(root)))
 
 
 def read_documents(source: str, use_ray: bool = True, piece_bytes: int = 64 << 20) -> list[dict[str, str]]:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retro_platform import storage
+from retro_platform import node_cache, storage
 from retro_platform.storage import TEMP_PREFIX
 
 
@@ -80,9 +80,17 @@ def parquet_file(location: str | Path) -> pq.ParquetFile:
 
 def load_npy(location: str | Path, mmap: bool = True) -> np.ndarray:
     """An .npy array, memory-mapped from the file (a node-local copy of a remote one) when ``mmap``."""
-    return np.load(storage.local_copy(location), mmap_mode="r" if mmap else None)
+    path = storage.local_copy(location)
+    array = np.load(path, mmap_mode="r" if mmap else None)
+    if mmap:
+        node_cache.hold(path, array)  # the cache's size bound keeps the file while it is mapped
+    return array
 
 
 def read_index(location: str | Path, flags: int = 0) -> faiss.Index:
     """A FAISS index from a file (a node-local copy of a remote one)."""
-    return faiss.read_index(str(storage.local_copy(location)), flags)
+    path = storage.local_copy(location)
+    index = faiss.read_index(str(path), flags)
+    if flags & faiss.IO_FLAG_MMAP_IFC or flags & faiss.IO_FLAG_MMAP == faiss.IO_FLAG_MMAP:
+        node_cache.hold(path, index)  # the cache's size bound keeps the file while it is mapped
+    return index

@@ -27,26 +27,22 @@ maps are also marked ``MADV_RANDOM`` (no read-ahead of cold pages for 256-byte r
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import mmap
 import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from retro_platform import storage
+from retro_platform import node_cache, storage
 from retro_platform.db.files import load_npy, parquet_file
 from retro_platform.db.layout import DatabaseLayout
 from retro_platform.db.manifest import Manifest, load_manifest
 from retro_platform.errors import DatabaseError
 
 ARRAY_CACHE = "chunk-arrays"
-"""Folder under ``storage.cache_root()`` of the token/doc-id arrays made from chunk stores."""
+"""Key prefix of the node-local cache entries holding token/doc-id arrays made from chunk stores."""
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -243,39 +239,35 @@ class ChunkStore:
 
 
 def chunk_store_arrays(location, num_chunks: int, chunk_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32 [n, chunk_len], doc ids int64 [n]) of a chunk-store shard, memory-mapped from a
-    node-local copy made once per node (and per version of the file): its ``tokens`` and ``doc_id``
-    columns streamed row group by row group into .npy files under ``storage.cache_root()/chunk-arrays``.
+    """(tokens int32 [n, chunk_len], doc ids int64 [n]) of a chunk-store shard, memory-mapped from an
+    entry of the node-local cache (``retro_platform.node_cache``) made once per node and version of the
+    file: its ``tokens`` and ``doc_id`` columns streamed row group by row group into two .npy files.
 
-    For shards the build wrote no arrays for (the valid split when it is not indexed); concurrent
-    processes of a node make the copy once (a file lock), a changed chunk store gets a new copy."""
+    For shards the build wrote no arrays for (the valid split when it is not indexed); the entry is held
+    while the arrays are mapped, so the cache's size bound never removes it under a reader."""
     stat = storage.file_info(location)
-    where = hashlib.sha256(str(location).encode()).hexdigest()
-    version = hashlib.sha256(f"{stat.size}:{stat.mtime_ns}:{stat.etag}:{chunk_len}".encode()).hexdigest()[:16]
-    folder = os.path.join(storage.cache_root(), ARRAY_CACHE, where[:2], where, version)
-    tokens_file, doc_ids_file = os.path.join(folder, "tokens.npy"), os.path.join(folder, "doc_ids.npy")
-    if not (os.path.isfile(tokens_file) and os.path.isfile(doc_ids_file)):
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, ".lock"), "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                if not (os.path.isfile(tokens_file) and os.path.isfile(doc_ids_file)):
-                    _convert_chunk_store(location, num_chunks, chunk_len, tokens_file, doc_ids_file)
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-        _remove_other_versions(os.path.dirname(folder), keep=version)
-    return np.load(tokens_file, mmap_mode="r"), np.load(doc_ids_file, mmap_mode="r")
+    version = node_cache.version_of(stat.size, stat.mtime_ns, stat.etag, chunk_len)
+    folder = node_cache.entry(
+        f"{ARRAY_CACHE}:{location}",
+        version,
+        lambda tmp: _convert_chunk_store(location, num_chunks, chunk_len, tmp),
+    )
+    arrays = tuple(np.load(folder / name, mmap_mode="r") for name in ("tokens.npy", "doc_ids.npy"))
+    for array in arrays:
+        node_cache.hold(folder / "tokens.npy", array)
+    return arrays
 
 
-def _convert_chunk_store(location, num_chunks: int, chunk_len: int, tokens_file: str, doc_ids_file: str):
-    """Stream a chunk store's tokens/doc_id columns into two .npy files, one row group at a time (the
-    build's row groups hold ``database.embed.rows_per_task`` rows) through ordinary writes (the pages go
-    to the page cache, not into this process), under temp names renamed at the end so a reader never
-    sees a partial file."""
-    suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp_tokens, tmp_docs = tokens_file + suffix, doc_ids_file + suffix
+def _convert_chunk_store(location, num_chunks: int, chunk_len: int, folder: str) -> None:
+    """Stream a chunk store's tokens/doc_id columns into ``folder``'s tokens.npy and doc_ids.npy, one row
+    group at a time (the build's row groups hold ``database.embed.rows_per_task`` rows) through ordinary
+    writes (the pages go to the page cache, not into this process)."""
     try:
-        with open(tmp_tokens, "wb") as tokens, open(tmp_docs, "wb") as doc_ids, _opened(location) as pf:
+        with (
+            open(os.path.join(folder, "tokens.npy"), "wb") as tokens,
+            open(os.path.join(folder, "doc_ids.npy"), "wb") as doc_ids,
+            _opened(location) as pf,
+        ):
             _npy_header(tokens, np.int32, (num_chunks, chunk_len))
             _npy_header(doc_ids, np.int64, (num_chunks,))
             row = 0
@@ -297,12 +289,7 @@ def _convert_chunk_store(location, num_chunks: int, chunk_len: int, tokens_file:
                 f"{location} has {row} rows where the manifest gives it {num_chunks}; run `retro build-db` "
                 "to repair the database"
             )
-        os.replace(tmp_tokens, tokens_file)
-        os.replace(tmp_docs, doc_ids_file)
     finally:
-        for tmp in (tmp_tokens, tmp_docs):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
         pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed decode buffers
 
 
@@ -338,15 +325,6 @@ def _madvise(array: np.ndarray, advice: int) -> None:
     if mapping is not None:
         with contextlib.suppress(OSError, ValueError):
             mapping.madvise(advice)
-
-
-def _remove_other_versions(folder: str, keep: str) -> None:
-    """Remove cached arrays of older versions of a chunk store (a process still mapping one keeps its
-    pages until it unmaps them)."""
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(folder):
-            if name != keep:
-                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def padded_exclusions(exclusions, rows: int) -> np.ndarray:

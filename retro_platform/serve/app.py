@@ -37,6 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from retro_platform import storage
 from retro_platform.config import PlatformConfig
 from retro_platform.serve.api import (
     CompletionRequest,
@@ -139,24 +140,22 @@ class Documents:
 
     def __init__(self, config: dict):
         self.config = PlatformConfig.from_dict(config)
-        self.uploads = Path(self.config.work_dir) / "serve-uploads"
+        self.uploads = storage.join(self.config.work_dir, "serve-uploads")  # local or s3://, like work_dir
         self._lock = asyncio.Lock()
 
     def _add(self, documents: list[dict]) -> dict:
         from retro_platform.db.add_docs import add_documents
         from retro_platform.errors import RetroError
 
-        self.uploads.mkdir(parents=True, exist_ok=True)
-        path = self.uploads / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl"
-        path.write_text(
-            "".join(json.dumps({k: v for k, v in d.items() if v is not None}) + "\n" for d in documents)
-        )
+        path = storage.join(self.uploads, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl")
+        lines = "".join(json.dumps({k: v for k, v in d.items() if v is not None}) + "\n" for d in documents)
+        storage.write_bytes_atomic(path, lines.encode())
         try:
-            manifest = add_documents(self.config, [str(path)])
+            manifest = add_documents(self.config, [path])
         except RetroError as exc:
             return {"error": f"documents: {str(exc).splitlines()[0]}", "status": 422}
         finally:
-            path.unlink(missing_ok=True)
+            storage.delete(path)
         return {
             "added": len(documents),
             "ids": [d["id"] for d in documents],

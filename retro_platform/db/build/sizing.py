@@ -33,20 +33,21 @@ HEADROOM = 0.8
 
 def corpus_bytes(pieces: list[Piece]) -> int:
     """Bytes of text the pieces hold (file sizes; a Parquet piece's uncompressed row-group bytes)."""
-    import os
-
     import pyarrow.parquet as pq
+
+    from retro_platform import storage
 
     total = 0
     for piece in pieces:
         if piece.kind == "parquet":
-            meta = pq.ParquetFile(piece.paths[0]).metadata
+            with storage.open_input(piece.paths[0]) as f:
+                meta = pq.ParquetFile(f).metadata
             total += sum(meta.row_group(g).total_byte_size for g in range(piece.start, piece.end))
         elif piece.kind == "jsonl":
-            end = piece.end if piece.end >= 0 else os.path.getsize(piece.paths[0])
+            end = piece.end if piece.end >= 0 else storage.file_info(piece.paths[0]).size
             total += end - piece.start
         else:
-            total += sum(os.path.getsize(p) for p in piece.paths)
+            total += sum(storage.file_info(p).size for p in piece.paths)
     return total
 
 
