@@ -337,6 +337,14 @@ class Generator:
         except RequestError as exc:
             yield {"error": exc.message, "status": exc.status}
             return
+        try:
+            async for event in self._events(row):
+                yield event
+        finally:
+            row.cancelled = True  # a no-op once done; else the client went away: free its batch row
+
+    async def _events(self, row):
+        """The events of a queued row for its client (see ``stream``)."""
         ids: list[int] = []
         text = ""
         last = 0.0
@@ -377,12 +385,15 @@ class Generator:
             row = await self._start(body)
         except RequestError as exc:
             return {"error": exc.message, "status": exc.status}
-        while True:
-            for event in await drain(row.events):
-                if "error" in event:
-                    return event
-                if "done" in event:
-                    return self._done(row)
+        try:
+            while True:
+                for event in await drain(row.events):
+                    if "error" in event:
+                        return event
+                    if "done" in event:
+                        return self._done(row)
+        finally:
+            row.cancelled = True  # a no-op once done; else the request was cancelled
 
     async def neighbors(self, text: str, k: int | None) -> dict:
         """The pool's neighbours of a text (its first chunk's tokens align the windows)."""
@@ -422,6 +433,8 @@ class Generator:
                 "actor": ray.get_runtime_context().get_actor_name(),
                 "steps": self.engine.steps,
                 "mean_batch": self.engine.batched_rows / max(1, self.engine.steps),
+                "generating": len(self.engine.active),
+                "cancelled": self.engine.cancelled_rows,
             },
         }
 

@@ -60,6 +60,8 @@ class Row:
     """Seconds this row waited for neighbour lookups (each shared with the rows of the same step)."""
     handle: int | None = None
     """The row's id in the BatchGenerator."""
+    cancelled: bool = False
+    """Set by the request side when its client went away: the engine drops the row at its next step."""
 
 
 class Engine:
@@ -91,6 +93,8 @@ class Engine:
         self.active: list[tuple[Row, asyncio.AbstractEventLoop]] = []
         self.steps = 0
         self.batched_rows = 0
+        self.cancelled_rows = 0
+        """Rows dropped because their client went away before the end."""
         self._lock = threading.Lock()
         self._running = False
         self.generator = BatchGenerator(model, retrieve_many=self._retrieve_many, eos_id=eos_id)
@@ -117,6 +121,9 @@ class Engine:
     def _admit(self) -> None:
         while len(self.active) < self.max_batch_size and not self.inbox.empty():
             row, loop = self.inbox.get()
+            if row.cancelled:
+                self.cancelled_rows += 1
+                continue
             generator = None
             if row.seed is not None:
                 generator = torch.Generator().manual_seed(row.seed)
@@ -148,10 +155,18 @@ class Engine:
         for loop, items in outbox.items():
             loop.call_soon_threadsafe(self._deliver, items)
 
+    def _drop_cancelled(self) -> None:
+        """Stop the rows whose clients went away (they leave the batch before the next step)."""
+        for row, _ in [entry for entry in self.active if entry[0].cancelled]:
+            self.generator.remove(row.handle)
+            self.cancelled_rows += 1
+        self.active = [entry for entry in self.active if not entry[0].cancelled]
+
     def run(self) -> None:
         """Admit, step, publish (on the engine's thread); until no row is active or waiting (the next
         ``submit`` starts it again). Rows get token ids; the request side decodes them (off this thread)."""
         while True:
+            self._drop_cancelled()
             self._admit()
             if not self.active:
                 with self._lock:
