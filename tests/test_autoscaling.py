@@ -14,7 +14,7 @@ started (nothing of the build asks for them), and the node must be released once
 Seen here and not asserted: during the build the fake provider also starts (and idles out) nodes of
 the head's type, 0 CPUs and no custom resource (9-15 per build, each recorded as offering nothing), most
 likely for Ray Data's resource requests that ask only for memory; they can run nothing. On AWS the
-head type is never launched as a worker; check `ray status` if you see idle CPU-less workers.
+whether the AWS autoscaler does the same was not checked (`ray status` shows it: idle CPU-less workers).
 """
 
 from __future__ import annotations
