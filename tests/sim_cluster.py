@@ -199,6 +199,7 @@ def sim_cluster(
         shutil.rmtree(temp_dir, ignore_errors=True)
         if session_ray:
             next(conftest.ray_session.__wrapped__())  # the session's local Ray, as conftest starts it
+        shutil.rmtree(temp_dir, ignore_errors=True)  # a session folder Ray's shutdown re-created late
     assert not leftovers, f"processes of the test cluster still running after its shutdown: {leftovers}"
 
 
