@@ -393,8 +393,13 @@ def print_report(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
     print(f"code: {results[-1].get('code', 'unknown')}")
     print(
         f"index {results[0]['index']}; Ray num_cpus=2, object store 1 GB, dashboard off; "
-        f"piece_mb={args.piece_mb}, ~{args.chunks_per_shard} chunks per train shard "
-        f"(num_shards = chunks / {args.chunks_per_shard}); {args.actors} encoder actors x 0.5 CPU"
+        f"piece_mb={args.piece_mb}, "
+        + (
+            "one train shard per build (--shard-sizes); "
+            if results[0].get("shard_mode")
+            else f"~{args.chunks_per_shard} chunks per train shard (num_shards = chunks / {args.chunks_per_shard}); "
+        )
+        + f"{args.actors} encoder actors x 0.5 CPU"
     )
     print("\nstage seconds (MLflow metrics of the build run):\n")
     head = ["chunks", "docs", "shards t+v", "pieces"] + list(STAGES) + ["build", "wall", "us/chunk", "ratio"]

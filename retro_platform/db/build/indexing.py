@@ -84,6 +84,7 @@ def train_task(
     empty = new_index(factory, dim)
     if empty.is_trained:
         return write_index_atomic(empty, out)
+    sample = min(sample, training_points(empty) or sample)
     rng = np.random.default_rng(0)
     total = sum(sizes)
     picks = []
@@ -101,6 +102,24 @@ def train_task(
                 at += len(part)
     del picks
     return write_index_atomic(train_index(factory, vectors, use_gpu=use_gpu), out)
+
+
+def training_points(index: faiss.Index) -> int | None:
+    """Most training vectors FAISS uses for an IVF-PQ or IVF-Flat index (its k-means keep at most
+    ``max_points_per_centroid`` per centroid and train on a random subset of a bigger sample), or None
+    when the index may use them all. The training task samples no more than this: a sample FAISS would
+    cut anyway only costs the training worker memory (its residuals and the subset's copy)."""
+    typed = faiss.downcast_index(index)
+    if isinstance(typed, faiss.IndexRefine):
+        if not faiss.downcast_index(typed.refine_index).is_trained:
+            return None  # the refine stage trains on the whole sample
+        typed = faiss.downcast_index(typed.base_index)
+    if not isinstance(typed, (faiss.IndexIVFPQ, faiss.IndexIVFFlat)):
+        return None
+    points = typed.cp.max_points_per_centroid * typed.nlist
+    if isinstance(typed, faiss.IndexIVFPQ):
+        points = max(points, typed.pq.cp.max_points_per_centroid * typed.pq.ksub)
+    return int(points)
 
 
 def fill_block(index: faiss.Index, add_block: int) -> int:
