@@ -113,6 +113,7 @@ class Build:
         self.stats.update(write_embeddings(self.config, ledger, plans))
         index_info, index_stats = build_index(self.config, ledger, plans, factory)
         self.stats.update(index_stats)
+        ledger.remove_temporaries()  # those of writers that died with a lost node while Ray retried them
         index_info.shards += added_shards
 
         # 3. the manifest: only the files of this database, with their checksums and inputs
