@@ -35,16 +35,17 @@ browser:
 		 (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)) || \
 		echo "warning: could not install chromium (the page test will be skipped)"
 
+# Everything but the simulated multi-node clusters (`make test-faults`; CI runs both).
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -x -q --durations=15
+	$(BIN)/python -m pytest -x -q --durations=15 -m "not cluster"
 
 test-reliability: $(STAMP)
 	$(BIN)/python -m pytest -q -s tests/reliability
 
-# Nodes lost mid-build, mid-training and mid-search on simulated clusters (also part of `make test`).
+# Nodes lost mid-build, mid-training and mid-search, the multi-node placement and the autoscaler, on
+# simulated clusters of cluster.yaml's node types (tests marked `cluster`); `.ci/run` runs it after `make test`.
 test-faults: $(STAMP)
-	$(BIN)/python -m pytest -x -q --durations=0 tests/test_build_node_loss.py tests/test_train_node_loss.py \
-		tests/test_pool_node_loss.py tests/test_multinode.py tests/test_autoscaling.py
+	$(BIN)/python -m pytest -x -q --durations=15 -m cluster
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -q -m "not slow"

@@ -36,7 +36,7 @@ from sim_cluster import ROOT
 
 from retro_platform.db.manifest import load_manifest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def fake_node_types() -> dict:

@@ -23,7 +23,7 @@ from sim_cluster import sim_cluster
 from retro_platform.commands.build_db import build_database
 from retro_platform.db.manifest import load_manifest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 STAGES = {"chunking": "chunks", "embedding": "embeddings", "indexing": "index"}
 """Build stage -> the database folder its outputs go to."""

@@ -31,7 +31,7 @@ from sim_cluster import sim_cluster
 from retro_platform.commands.build_db import build_database
 from retro_platform.db.manifest import load_manifest, validate_database
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 MB = 1024**2
 DRIVER_GROWTH_MB = 200

@@ -23,7 +23,7 @@ from retro_platform.errors import ReplicaPlacementError
 from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.ray_utils import init_ray
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 SEARCH_TIMEOUT_S = 3.0
 

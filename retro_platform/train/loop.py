@@ -174,6 +174,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from retro_platform.tracking import MetricBuffer
 
         metrics_out = MetricBuffer(loop_config["tracking_uri"], loop_config["run_id"])
+        if checkpoint is not None:  # the run shows where each restart of the worker group resumed
+            metrics_out.add({"resumed_from_step": step}, step)
+            metrics_out.flush()
     checkpoint_extra = {
         "db_id": loop_config.get("db_id"),
         "run_id": loop_config.get("run_id"),
