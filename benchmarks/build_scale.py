@@ -403,8 +403,7 @@ def print_report(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
     )
     print("\nstage seconds (MLflow metrics of the build run):\n")
     head = ["chunks", "docs", "shards t+v", "pieces"] + list(STAGES) + ["build", "wall", "us/chunk", "ratio"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + " --- |" * len(head))
+    print_header(head)
     base = results[0]["wall_seconds"] / results[0]["chunks"]
     for r in results:
         per = r["wall_seconds"] / r["chunks"]
@@ -433,8 +432,7 @@ def print_report(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
         "workers sum peak",
         "gcs / raylet peak",
     ]
-    print("| " + " | ".join(head) + " |")
-    print("|" + " --- |" * len(head))
+    print_header(head)
     for r in results:
         ck = r["driver_stages"].get("checkpoints", {"calls": 0, "wall": 0.0})
         sysp = r["system_peaks_mb"]
@@ -590,8 +588,7 @@ def print_shard_report(results: list[dict[str, Any]]) -> None:
         "driver MB",
         "vs smallest",
     ]
-    print("| " + " | ".join(head) + " |")
-    print("|" + " --- |" * len(head))
+    print_header(head)
     base = results[0]
     for r in results:
         cells = [
@@ -609,6 +606,12 @@ def print_shard_report(results: list[dict[str, Any]]) -> None:
         f"largest worker {worker:+.0f} MB (target within +300 MB: {'met' if worker <= 300 else 'MISSED'}), "
         f"driver {driver:+.0f} MB (target within +200 MB: {'met' if driver <= 200 else 'MISSED'})"
     )
+
+
+def print_header(head: list[str]) -> None:
+    """A Markdown table's header row and separator."""
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
 
 
 def machine_line() -> str:

@@ -37,6 +37,21 @@ def debug_config(work_dir, *overrides: str):
     return load_config("debug", [f"work_dir={work_dir}", *overrides])
 
 
+def precomputed_copy(debug_db, tmp_path_factory, folder: str, experiment: str):
+    """A copy of the debug database in a new temp ``folder``, with its precomputed neighbour table (made
+    on the session's Ray) -> its config, tracked in the MLflow ``experiment``."""
+    import shutil
+
+    from retro_platform.commands.query_neighbors import precompute_neighbors
+
+    source, _ = debug_db
+    work = tmp_path_factory.mktemp(folder)
+    shutil.copytree(source.db_path, work / "db")
+    config = debug_config(work, f"tracking.experiment={experiment}")
+    precompute_neighbors(config)
+    return config
+
+
 def synthetic_manifest(
     chunk_len: int = 64,
     vocab_size: int = 512,

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 
 import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import debug_config
+from conftest import debug_config, precomputed_copy
 
 from retro_model.checkpoint import save_model_dir
 from retro_model.model import Retro
 from retro_platform.checkpoints import model_for_database
 from retro_platform.commands.compare import compare_experiment
 from retro_platform.commands.evaluate import run_evaluation
-from retro_platform.commands.query_neighbors import precompute_neighbors
 from retro_platform.commands.train import run_training
 from retro_platform.db.manifest import load_manifest
 from retro_platform.db.store import ChunkStore
@@ -38,11 +36,7 @@ from retro_platform.train.data import SequenceSource, evaluation_batches, token_
 @pytest.fixture(scope="module")
 def eval_db(debug_db, tmp_path_factory):
     """A copy of the debug database with its precomputed neighbour table, and its manifest."""
-    config, _ = debug_db
-    work = tmp_path_factory.mktemp("eval-work")
-    shutil.copytree(config.db_path, work / "db")
-    config = debug_config(work, "tracking.experiment=eval-tests")
-    precompute_neighbors(config)
+    config = precomputed_copy(debug_db, tmp_path_factory, "eval-work", "eval-tests")
     return config, load_manifest(config.db_path)
 
 

@@ -7,18 +7,16 @@ two ``gpu_train`` nodes (1 CPU, ``train`` resource; one DDP worker each) and, fo
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import debug_config
+from conftest import debug_config, precomputed_copy
 from reliability.test_training_faults import registered_checkpoint_step
 from sim_cluster import sim_cluster
 
-from retro_platform.commands.query_neighbors import precompute_neighbors
 from retro_platform.commands.train import run_training
 from retro_platform.neighbors.pool import NeighborPool
 from retro_platform.ray_utils import init_ray
@@ -32,12 +30,7 @@ STEPS = 40
 @pytest.fixture(scope="module")
 def node_loss_db(debug_db, tmp_path_factory):
     """A copy of the debug database with its precomputed neighbour table (made on the session's Ray)."""
-    source, _ = debug_db
-    work = tmp_path_factory.mktemp("node-loss-work")
-    shutil.copytree(source.db_path, work / "db")
-    config = debug_config(work, "tracking.experiment=node-loss")
-    precompute_neighbors(config)
-    return config
+    return precomputed_copy(debug_db, tmp_path_factory, "node-loss-work", "node-loss")
 
 
 def train_config(base, sim, tmp_path, name: str, *overrides: str):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -17,9 +16,8 @@ import mlflow
 import numpy as np
 import pytest
 import ray
-from conftest import debug_config
+from conftest import debug_config, precomputed_copy
 
-from retro_platform.commands.query_neighbors import precompute_neighbors
 from retro_platform.commands.train import run_training
 from retro_platform.db.store import ChunkStore
 from retro_platform.neighbors.pool import NeighborPool
@@ -46,12 +44,7 @@ def registered_checkpoint_step(storage: Path) -> int:
 @pytest.fixture(scope="module")
 def fault_db(debug_db, tmp_path_factory):
     """A copy of the debug database with its precomputed neighbour table."""
-    source, _ = debug_db
-    work = tmp_path_factory.mktemp("fault-work")
-    shutil.copytree(source.db_path, work / "db")
-    config = debug_config(work, "tracking.experiment=faults")
-    precompute_neighbors(config)
-    return config
+    return precomputed_copy(debug_db, tmp_path_factory, "fault-work", "faults")
 
 
 def test_shard_actor_killed_during_training_run_finishes_and_answers_stay_the_same(fault_db, tmp_path):
