@@ -304,11 +304,12 @@ class Generator:
             ignore_eos=request.ignore_eos,
         )
 
-    def _done(self, row) -> dict:
-        """The last event of a completion: its text, every chunk's neighbours and the usage figures."""
+    def _done(self, row, text: str | None = None) -> dict:
+        """The last event of a completion: its text (``text`` when the caller decoded it already),
+        every chunk's neighbours and the usage figures."""
         return {
             "done": True,
-            "text": self.tokenizer.decode(row.new_ids),
+            "text": self.tokenizer.decode(row.new_ids) if text is None else text,
             "chunks": row.chunks,
             "usage": {
                 "prompt_tokens": len(row.prompt_ids),
@@ -372,7 +373,7 @@ class Generator:
                     text += delta
                     pending = []
                 if "done" in event:
-                    yield self._done(row)
+                    yield self._done(row, text)  # text holds every id by now: no second decode
                     return
                 if event:
                     yield event
