@@ -39,7 +39,10 @@ class LocalHead:
         extra_args: tuple[str, ...] = (),
         env: dict | None = None,
         gcs_port: int | None = None,
+        without_env: tuple[str, ...] = (),
     ):
+        """``env``: variables added to this process's environment for the head's processes;
+        ``without_env``: variables of this process's environment the head's processes do not get."""
         self.temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
         self.gcs_port = gcs_port or free_port()
         self.dashboard_port = free_port()
@@ -70,7 +73,8 @@ class LocalHead:
             *extra_args,
         ]
         full_env = dict(os.environ)
-        full_env.pop("RAY_ADDRESS", None)
+        for name in ("RAY_ADDRESS", *without_env):
+            full_env.pop(name, None)
         # The job's `python` is this interpreter (the project's venv).
         full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
         # Ray 2.60 protects a head's APIs with a token (generated in ~/.ray/auth_token when missing);
@@ -125,7 +129,8 @@ class LocalHead:
         for proc in victims:
             with contextlib.suppress(psutil.Error):
                 proc.terminate()
-        _, alive = psutil.wait_procs(victims, timeout=15)
+        # what has not exited 3 s after SIGTERM is killed (its temp dir and ports are this head's only)
+        _, alive = psutil.wait_procs(victims, timeout=3)
         for proc in alive:
             with contextlib.suppress(psutil.Error):
                 proc.kill()

@@ -298,7 +298,8 @@ def test_build_db_command_prints_its_stages_and_nothing_that_reads_as_a_failure(
     env.pop("RETRO_VERBOSE", None)
     result = subprocess.run(
         [str(Path(sys.executable).with_name("retro")), "build-db", "--config", "debug"]
-        + ["--set", f"work_dir={tmp_path / 'work'}", "--set", "ray.include_dashboard=false"],
+        + ["--set", f"work_dir={tmp_path / 'work'}", "--set", "ray.include_dashboard=false"]
+        + ["--set", "database.corpus.max_documents=60"],  # every stage, on a fifth of the documents
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -4,10 +4,11 @@ the corpus (the debug preset's Wikipedia summaries as JSON Lines objects, read t
 documents `retro add-docs` adds, the database, checkpoints and MLflow artifacts. The database it builds
 is byte for byte the one the same documents give locally.
 
-Each step is the `retro` command a user runs, with ``work_dir=s3://<bucket>/work`` and its own local Ray
-(so its workers get the AWS variables through the platform's runtime env, as on a cluster). Only the
-MLflow tracking metadata (a SQLite file: MLflow cannot keep it on S3; on a cluster it is the MLflow
-server) and the node-local cache (``RETRO_CACHE_DIR``) may be written locally.
+Each step is the `retro` command a user runs, with ``work_dir=s3://<bucket>/work``, joining one Ray head
+(``ray start --head``, as on a cluster) whose processes never had the AWS variables: its workers get them
+only through the platform's runtime env. Only the MLflow tracking metadata (a SQLite file: MLflow cannot
+keep it on S3; on a cluster it is the MLflow server) and the node-local cache (``RETRO_CACHE_DIR``) may
+be written locally.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from local_head import LocalHead
 
 from retro_platform import storage
 from retro_platform.db.corpus import WIKIPEDIA, read_documents
@@ -31,21 +33,33 @@ NEW_DOCUMENT = (
 )
 
 
+@pytest.fixture
+def head_without_aws_env(s3_server):
+    """A Ray head started without the S3 server's variables (credentials, endpoint)."""
+    head = LocalHead(num_cpus=2, without_env=tuple(s3_server.env()))
+    try:
+        head.wait_for_dashboard()
+        yield head
+    finally:
+        head.stop()
+
+
 @pytest.mark.slow
 def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(
-    s3_server, s3_bucket, tmp_path, debug_db
+    s3_server, s3_bucket, tmp_path, debug_db, head_without_aws_env
 ):
     work = f"{s3_bucket}/work"
     local = tmp_path / "local"
     local.mkdir()
     documents = f"{s3_bucket}/inputs/new.jsonl"
     storage.write_bytes_atomic(documents, NEW_DOCUMENT.encode())
-    # the packaged corpus as two JSON Lines objects, in its order
+    # the packaged corpus's first documents as two JSON Lines objects, in its order: the preset's
+    # max_documents cut (300) takes all of the first object and part of the second
     lines = [
         json.dumps({"id": d["id"], "text": d["text"], "title": d["title"]})
-        for d in read_documents(WIKIPEDIA, use_ray=False)
+        for d in read_documents(WIKIPEDIA, use_ray=False)[:400]
     ]
-    half = len(lines) // 2
+    half = len(lines) * 2 // 5
     for part, chunk in enumerate((lines[:half], lines[half:])):
         storage.write_bytes_atomic(
             f"{s3_bucket}/corpus/part-{part}.jsonl", ("\n".join(chunk) + "\n").encode()
@@ -54,7 +68,7 @@ def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(
         **os.environ,
         **s3_server.env(),
         "RETRO_CACHE_DIR": str(local / "cache"),
-        "RAY_ADDRESS": "",  # each command starts its own local Ray, as on a newcomer's machine
+        "RAY_ADDRESS": head_without_aws_env.address,  # each command joins the head, as on a cluster
     }
     settings = [
         "--config",
