@@ -152,6 +152,31 @@ def copy_task_config(task: CopyTask, **overrides: Any) -> RetroConfig:
     return RetroConfig(**{**values, **overrides})
 
 
+def held_out_loss(
+    model: Retro,
+    task: CopyTask,
+    config: RetroConfig,
+    seed: int,
+    batches: int,
+    batch_size: int,
+    retrieval: bool = True,
+) -> float:
+    """Mean loss (nats, positions >= m-1) of ``model`` on the task's fixed held-out batches of ``seed``,
+    with the neighbours or without them."""
+    held_out = torch.Generator().manual_seed(10_000 + seed)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(batches):
+            tokens, targets, neighbors, mask = make_batch(task, batch_size, held_out, config)
+            total += float(
+                model(tokens, neighbors if retrieval else None, targets, mask, return_logits=False)[1]
+            )
+    model.train(was_training)
+    return total / batches
+
+
 def train_copy_task(
     task: CopyTask,
     config: RetroConfig,
@@ -160,11 +185,15 @@ def train_copy_task(
     batch_size: int = 32,
     lr: float = 3e-3,
     eval_batches: int = 4,
+    stop_below: float | None = None,
+    check_every: int = 25,
 ) -> dict[str, Any]:
-    """Train ``config`` on ``task`` with AdamW -> {loss, loss_no_retrieval, curve, seconds}.
+    """Train ``config`` on ``task`` with AdamW -> {loss, loss_no_retrieval, curve, seconds, steps}.
 
     ``loss`` and ``loss_no_retrieval`` are the held-out loss (nats) at positions >= m-1 with the
-    neighbours and without them; ``curve`` the training loss every 50 steps.
+    neighbours and without them; ``curve`` the training loss every 50 steps. With ``stop_below``, the
+    held-out loss with the neighbours is measured every ``check_every`` steps and training stops as soon
+    as it is below that value (``steps`` says how many were taken; at most ``steps``).
     """
     torch.manual_seed(seed)
     model = Retro(config)
@@ -173,26 +202,28 @@ def train_copy_task(
     curve = []
     start = time.perf_counter()
     model.train()
+    taken = 0
     for step in range(steps):
         tokens, targets, neighbors, mask = make_batch(task, batch_size, data, config)
         _, loss = model(tokens, neighbors, targets, loss_mask=mask, return_logits=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 50 == 0 or step == steps - 1:
+        taken = step + 1
+        stop = (
+            stop_below is not None
+            and taken % check_every == 0
+            and held_out_loss(model, task, config, seed, eval_batches, batch_size) < stop_below
+        )
+        if step % 50 == 0 or step == steps - 1 or stop:
             curve.append((step, float(loss.detach())))
+        if stop:
+            break
     seconds = time.perf_counter() - start
-    held_out = torch.Generator().manual_seed(10_000 + seed)
-    model.eval()
-    with_retrieval = without = 0.0
-    with torch.no_grad():
-        for _ in range(eval_batches):
-            tokens, targets, neighbors, mask = make_batch(task, batch_size, held_out, config)
-            with_retrieval += float(model(tokens, neighbors, targets, mask, return_logits=False)[1])
-            without += float(model(tokens, None, targets, mask, return_logits=False)[1])
     return {
-        "loss": with_retrieval / eval_batches,
-        "loss_no_retrieval": without / eval_batches,
+        "loss": held_out_loss(model, task, config, seed, eval_batches, batch_size),
+        "loss_no_retrieval": held_out_loss(model, task, config, seed, eval_batches, batch_size, False),
         "curve": curve,
         "seconds": seconds,
+        "steps": taken,
     }
