@@ -9,6 +9,8 @@
   into a temporary work dir (300 real Wikipedia summaries, vocab 1024, 2 train shards + 1 valid
   shard, Flat index, MLflow run in ``<work_dir>/mlflow.db``). Treat it as read-only: copy
   ``config.db_path`` into ``tmp_path`` before re-building or damaging it.
+* ``ray_head``: a real Ray head started with ``ray start --head`` on loopback (job submission, commands
+  that join a cluster), shared by the session.
 * ``debug_config(work_dir, *overrides)``: the debug preset with everything under ``work_dir``.
 * ``synthetic_manifest(...)``: a complete ``Manifest`` of a database that was never built.
 * ``randomise_position_biases(model)``: random values for the cross-attentions' position parameters.
@@ -124,6 +126,23 @@ def debug_db(ray_session, tmp_path_factory):
     config = debug_config(work)
     manifest = build_database(config)
     return config, manifest
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A real Ray head (``ray start --head``, 2 CPUs, its job server on 127.0.0.1: ``tests/local_head.py``)
+    shared by the tests that submit jobs to a cluster or join one, stopped at the end. Its processes
+    never have the S3 test server's variables (``s3_server.ENV_NAMES``), whenever it starts: workers get
+    them only through what the platform passes (its runtime env)."""
+    from local_head import LocalHead
+    from s3_server import ENV_NAMES
+
+    head = LocalHead(num_cpus=2, without_env=ENV_NAMES)
+    try:
+        head.wait_for_dashboard()
+        yield head
+    finally:
+        head.stop()
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,16 @@ MOTO_SERVER_BIN = str(Path(sys.executable).with_name("moto_server"))
 ACCESS_KEY = "retro-test-key"
 SECRET_KEY = "retro-test-secret"
 REGION = "us-east-1"
+ENV_NAMES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
+"""The variables ``S3Server.env`` sets."""
 
 
 class S3Server:
@@ -76,15 +86,8 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         """The variables that point an AWS client (pyarrow, boto3, MLflow) at this server."""
-        return {
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_REGION": REGION,
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ENDPOINT_URL_S3": self.endpoint,
-            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
-        }
+        values = (ACCESS_KEY, SECRET_KEY, REGION, REGION, self.endpoint, self.endpoint, self.endpoint)
+        return dict(zip(ENV_NAMES, values, strict=True))
 
     def client(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
         """A boto3 S3 client of this server."""

@@ -7,27 +7,14 @@ import time
 from pathlib import Path
 
 import mlflow
-import pytest
-from local_head import LocalHead
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def head():
-    """A fresh single-node head with the job server on 127.0.0.1."""
-    local = LocalHead(num_cpus=2)
-    try:
-        local.wait_for_dashboard()
-        yield local
-    finally:
-        local.stop()
-
-
-def test_pipeline_job_succeeds_and_leaves_mlflow_runs(head, tmp_path):
+def test_pipeline_job_succeeds_and_leaves_mlflow_runs(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(head.dashboard_url)
+    client = JobSubmissionClient(ray_head.dashboard_url)
     work = tmp_path / "work"
     job_id = client.submit_job(
         entrypoint=f"{sys.executable} -m jobs.pipeline --config configs/debug.yaml --set work_dir={work}",
@@ -51,7 +38,7 @@ def test_pipeline_job_succeeds_and_leaves_mlflow_runs(head, tmp_path):
     assert "starting a local Ray" not in logs
     # Outputs went to the requested work dir, not into the uploaded working directory.
     assert (work / "db" / "manifest.json").is_file()
-    uploaded = [p for p in Path(head.temp_dir).rglob("working_dir_files/*") if p.is_dir()]
+    uploaded = [p for p in Path(ray_head.temp_dir).rglob("working_dir_files/*") if p.is_dir()]
     assert uploaded, "the job ran from an uploaded copy of the repository"
     for copy in uploaded:
         assert not (copy / "work").exists() and not (copy / ".venv").exists()

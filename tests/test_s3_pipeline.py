@@ -1,11 +1,12 @@
 """The debug pipeline on object storage: build -> train -> eval -> add-docs -> generate with every input
 and output in an ``s3://`` bucket of a real S3-compatible server (moto's standalone server on 127.0.0.1):
-the corpus (the debug preset's Wikipedia summaries as JSON Lines objects, read through a glob), the
+the corpus (the packaged Wikipedia summaries the debug preset reads, as JSON Lines objects read
+through a glob), the
 documents `retro add-docs` adds, the database, checkpoints and MLflow artifacts. The database it builds
 is byte for byte the one the same documents give locally.
 
 Each step is the `retro` command a user runs, with ``work_dir=s3://<bucket>/work``, joining one Ray head
-(``ray start --head``, as on a cluster) whose processes never had the AWS variables: its workers get them
+(conftest's ``ray_head``: ``ray start --head``, as on a cluster) whose processes never had the AWS variables: its workers get them
 only through the platform's runtime env. Only the MLflow tracking metadata (a SQLite file: MLflow cannot
 keep it on S3; on a cluster it is the MLflow server) and the node-local cache (``RETRO_CACHE_DIR``) may
 be written locally.
@@ -20,7 +21,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from local_head import LocalHead
 
 from retro_platform import storage
 from retro_platform.db.corpus import WIKIPEDIA, read_documents
@@ -33,20 +33,9 @@ NEW_DOCUMENT = (
 )
 
 
-@pytest.fixture
-def head_without_aws_env(s3_server):
-    """A Ray head started without the S3 server's variables (credentials, endpoint)."""
-    head = LocalHead(num_cpus=2, without_env=tuple(s3_server.env()))
-    try:
-        head.wait_for_dashboard()
-        yield head
-    finally:
-        head.stop()
-
-
 @pytest.mark.slow
 def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(
-    s3_server, s3_bucket, tmp_path, debug_db, head_without_aws_env
+    s3_server, s3_bucket, tmp_path, debug_db, ray_head
 ):
     work = f"{s3_bucket}/work"
     local = tmp_path / "local"
@@ -68,7 +57,7 @@ def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(
         **os.environ,
         **s3_server.env(),
         "RETRO_CACHE_DIR": str(local / "cache"),
-        "RAY_ADDRESS": head_without_aws_env.address,  # each command joins the head, as on a cluster
+        "RAY_ADDRESS": ray_head.address,  # each command joins the head, as on a cluster
     }
     settings = [
         "--config",
