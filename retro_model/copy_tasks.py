@@ -203,6 +203,7 @@ def train_copy_task(
     start = time.perf_counter()
     model.train()
     taken = 0
+    checked = None  # the held-out loss with the neighbours after the last step, when it was measured
     for step in range(steps):
         tokens, targets, neighbors, mask = make_batch(task, batch_size, data, config)
         _, loss = model(tokens, neighbors, targets, loss_mask=mask, return_logits=False)
@@ -210,18 +211,19 @@ def train_copy_task(
         loss.backward()
         optimizer.step()
         taken = step + 1
-        stop = (
-            stop_below is not None
-            and taken % check_every == 0
-            and held_out_loss(model, task, config, seed, eval_batches, batch_size) < stop_below
-        )
+        checked = None
+        if stop_below is not None and taken % check_every == 0:
+            checked = held_out_loss(model, task, config, seed, eval_batches, batch_size)
+        stop = checked is not None and checked < stop_below
         if step % 50 == 0 or step == steps - 1 or stop:
             curve.append((step, float(loss.detach())))
         if stop:
             break
     seconds = time.perf_counter() - start
+    if checked is None:
+        checked = held_out_loss(model, task, config, seed, eval_batches, batch_size)
     return {
-        "loss": held_out_loss(model, task, config, seed, eval_batches, batch_size),
+        "loss": checked,
         "loss_no_retrieval": held_out_loss(model, task, config, seed, eval_batches, batch_size, False),
         "curve": curve,
         "seconds": seconds,
