@@ -1,15 +1,14 @@
 """The debug pipeline on object storage: build -> train -> eval -> add-docs -> generate with every input
 and output in an ``s3://`` bucket of a real S3-compatible server (moto's standalone server on 127.0.0.1):
-the corpus (the packaged Wikipedia summaries the debug preset reads, as JSON Lines objects read
-through a glob), the
-documents `retro add-docs` adds, the database, checkpoints and MLflow artifacts. The database it builds
-is byte for byte the one the same documents give locally.
+the corpus (the packaged Wikipedia summaries the debug preset reads, as JSON Lines objects read through a
+glob), the documents `retro add-docs` adds, the database, checkpoints and MLflow artifacts. The database
+it builds is byte for byte the one the same documents give locally.
 
 Each step is the `retro` command a user runs, with ``work_dir=s3://<bucket>/work``, joining one Ray head
-(conftest's ``ray_head``: ``ray start --head``, as on a cluster) whose processes never had the AWS variables: its workers get them
-only through the platform's runtime env. Only the MLflow tracking metadata (a SQLite file: MLflow cannot
-keep it on S3; on a cluster it is the MLflow server) and the node-local cache (``RETRO_CACHE_DIR``) may
-be written locally.
+(conftest's ``ray_head``: ``ray start --head``, as on a cluster) whose processes never had the AWS
+variables: its workers get them only through the platform's runtime env. Only the MLflow tracking
+metadata (a SQLite file: MLflow cannot keep it on S3; on a cluster it is the MLflow server) and the
+node-local cache (``RETRO_CACHE_DIR``) may be written locally.
 """
 
 from __future__ import annotations
@@ -48,8 +47,8 @@ def test_debug_pipeline_runs_on_s3_and_writes_nothing_local_but_caches(
         json.dumps({"id": d["id"], "text": d["text"], "title": d["title"]})
         for d in read_documents(WIKIPEDIA, use_ray=False)[:400]
     ]
-    half = len(lines) * 2 // 5
-    for part, chunk in enumerate((lines[:half], lines[half:])):
+    first = len(lines) * 2 // 5
+    for part, chunk in enumerate((lines[:first], lines[first:])):
         storage.write_bytes_atomic(
             f"{s3_bucket}/corpus/part-{part}.jsonl", ("\n".join(chunk) + "\n").encode()
         )
