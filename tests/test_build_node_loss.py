@@ -41,7 +41,7 @@ def data_files(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def reference(debug_db):
-    """The files and manifest file list of the clean debug build, shared by every case."""
+    """The files and manifest file list of the clean debug build: what the build must end with."""
     config, manifest = debug_db
     return data_files(Path(config.db_path)), manifest.files
 
